@@ -1,0 +1,1 @@
+"""AutoTraj-JAX: repairing and rewarding tool-use trajectories for tool-integrated reasoning."""

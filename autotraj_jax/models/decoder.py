@@ -1,0 +1,215 @@
+"""Qwen2/Llama decoder in Flax NNX.
+
+Parameter names mirror the HF checkpoints (`layers[i].self_attn.q_proj`, ...) so the
+import/export key map is one line per tensor. Kernels keep the head axis explicit
+(`[embed, heads, head_dim]`) so tensor parallelism shards heads by name.
+
+Shapes: B batch, L query length, S key length (cache slots), D model width,
+N query heads, K kv heads, H head dim, F MLP width, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from autotraj_jax.models.config import ModelConfig
+
+
+class LayerCache(NamedTuple):
+  k: jax.Array  # [B, S, K, H]
+  v: jax.Array  # [B, S, K, H]
+
+
+Cache = list[LayerCache]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+  """Zeroed KV cache with `max_len` slots per sequence."""
+  dtype = dtype or cfg.jnp_dtype
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+
+def causal_mask(valid_BL: jax.Array) -> jax.Array:
+  """[B, L, L] mask: query i attends to key j iff j <= i and key j is not padding."""
+  L = valid_BL.shape[-1]
+  causal = jnp.tril(jnp.ones((L, L), dtype=bool))
+  return causal[None] & valid_BL[:, None, :].astype(bool)
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02):
+  return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split layout (as in HF `rotate_half`), computed in fp32."""
+  H = x_BLNH.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  angles = positions_BL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x = x_BLNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLNH.dtype)
+
+
+class Projection(nnx.Module):
+  """Dense layer with an arbitrary kernel shape `in_shape + out_shape`."""
+
+  def __init__(self, in_dims: tuple[int, ...], out_dims: tuple[int, ...], *, bias: bool,
+               param_dtype, rngs: nnx.Rngs):
+    self.kernel = _normal(rngs, in_dims + out_dims, param_dtype)
+    self.bias = nnx.Param(jnp.zeros(out_dims, param_dtype)) if bias else None
+    self._n_in = len(in_dims)
+
+  def __call__(self, x, dtype):
+    k = self.kernel[...].astype(dtype)
+    y = jnp.tensordot(x.astype(dtype), k, axes=self._n_in)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, N, K, H, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
+    self.q_proj = Projection((D,), (N, H), bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+    self.k_proj = Projection((D,), (K, H), bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+    self.v_proj = Projection((D,), (K, H), bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+    self.o_proj = Projection((N, H), (D,), bias=False, param_dtype=pd, rngs=rngs)
+    self.cfg = cfg
+
+  def __call__(self, x_BLD, positions_BL, mask_BLS, cache: LayerCache | None, cache_index):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    q = rope(self.q_proj(x_BLD, dt), positions_BL, cfg.rope_theta)
+    k = rope(self.k_proj(x_BLD, dt), positions_BL, cfg.rope_theta)
+    v = self.v_proj(x_BLD, dt)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+      cache = LayerCache(k, v)
+    B, L, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, L, K, N // K, H)
+    logits = jnp.einsum("blkgh,bskh->bkgls", q, k.astype(dt), preferred_element_type=jnp.float32)
+    logits = logits * (H ** -0.5)
+    logits = jnp.where(mask_BLS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("bkgls,bskh->blkgh", probs, v.astype(dt)).reshape(B, L, N, H)
+    return self.o_proj(out, dt), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, F, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
+    self.gate_proj = Projection((D,), (F,), bias=False, param_dtype=pd, rngs=rngs)
+    self.up_proj = Projection((D,), (F,), bias=False, param_dtype=pd, rngs=rngs)
+    self.down_proj = Projection((F,), (D,), bias=False, param_dtype=pd, rngs=rngs)
+    self.dtype = cfg.jnp_dtype
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate_proj(x, self.dtype)) * self.up_proj(x, self.dtype)
+    return self.down_proj(h, self.dtype)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = cfg.jnp_param_dtype
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, mask, cache, cache_index):
+    h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, cache
+
+
+def _block_call(block: Block, x, positions, mask, cache, cache_index):
+  return block(x, positions, mask, cache, cache_index)
+
+
+class Transformer(nnx.Module):
+  """Embedding, decoder blocks and the final norm: tokens -> hidden states."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = nnx.Param(
+        jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size)).astype(cfg.jnp_param_dtype) * 0.02)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype)
+
+  def __call__(self, tokens_BL, positions_BL, mask_BLS, cache: Cache | None = None,
+               cache_index=0) -> tuple[jax.Array, Cache | None]:
+    x = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(self.cfg.jnp_dtype)
+    call = nnx.remat(_block_call) if self.cfg.remat else _block_call
+    new_cache = [] if cache is not None else None
+    for i, block in enumerate(self.layers):
+      x, layer_cache = call(block, x, positions_BL, mask_BLS,
+                            None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(layer_cache)
+    return self.norm(x), new_cache
+
+
+class CausalLM(nnx.Module):
+  """Decoder with a language-model head; logits are fp32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.model = Transformer(cfg, rngs)
+    self.lm_head = None if cfg.tie_embeddings else _normal(
+        rngs, (cfg.hidden_size, cfg.vocab_size), cfg.jnp_param_dtype)
+
+  def __call__(self, tokens_BL, positions_BL, mask_BLS, cache: Cache | None = None,
+               cache_index=0) -> tuple[jax.Array, Cache | None]:
+    hidden, cache = self.model(tokens_BL, positions_BL, mask_BLS, cache, cache_index)
+    return self.logits(hidden), cache
+
+  def logits(self, hidden_BLD):
+    dt = self.cfg.jnp_dtype
+    if self.lm_head is None:
+      w = self.model.embed_tokens[...].astype(dt)
+      return jnp.einsum("bld,vd->blv", hidden_BLD.astype(dt), w, preferred_element_type=jnp.float32)
+    return jnp.einsum("bld,dv->blv", hidden_BLD.astype(dt), self.lm_head[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+class ScalarModel(nnx.Module):
+  """Decoder with a scalar head (value / reward): one fp32 number per position."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.model = Transformer(cfg, rngs)
+    self.score = nnx.Param(jnp.zeros((cfg.hidden_size,), cfg.jnp_param_dtype))
+
+  def __call__(self, tokens_BL, positions_BL, mask_BLS) -> jax.Array:
+    hidden, _ = self.model(tokens_BL, positions_BL, mask_BLS)
+    return jnp.einsum("bld,d->bl", hidden.astype(jnp.float32), self.score[...].astype(jnp.float32))
+
+
+def gather_last(values_BL: jax.Array, index_B: jax.Array) -> jax.Array:
+  """values[b, index[b]]: the scalar head read at a given position (e.g. the last token)."""
+  return jnp.take_along_axis(values_BL, index_B[:, None].astype(jnp.int32), axis=1)[:, 0]
