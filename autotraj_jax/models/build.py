@@ -27,14 +27,14 @@ def init_model(cfg: ModelConfig, kind: str = "causal_lm", seed: int = 0) -> tupl
   """Random-init params (host/default device)."""
   model = _cls(kind)(cfg, rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(model)
-  return graphdef, state.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state)
 
 
 def abstract_model(cfg: ModelConfig, kind: str = "causal_lm") -> tuple[nnx.GraphDef, dict]:
   """Graphdef and a ShapeDtypeStruct tree of the params, allocating nothing."""
   model = nnx.eval_shape(lambda: _cls(kind)(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  return graphdef, state.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state)
 
 
 def init_sharded(cfg: ModelConfig, mesh: jax.sharding.Mesh, kind: str = "causal_lm",
@@ -45,7 +45,7 @@ def init_sharded(cfg: ModelConfig, mesh: jax.sharding.Mesh, kind: str = "causal_
   shardings = shd.param_shardings(abstract, mesh)
 
   def make():
-    return nnx.split(_cls(kind)(cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(_cls(kind)(cfg, rngs=nnx.Rngs(seed)))[1])
 
   params = jax.jit(make, out_shardings=shardings)()
   return graphdef, params

@@ -1,0 +1,1 @@
+"""Losses, optimizer, the generic train step and loop, and per-stage trainers."""

@@ -1,0 +1,34 @@
+"""Supervised fine-tuning loss: next-token prediction on tokens whose loss mask is 1.
+
+The loss mask marks model-written tokens (assistant text); the prompt and tool results
+carry 0, so the model learns to call tools, not to imitate their output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from autotraj_jax.models.decoder import causal_mask
+from autotraj_jax.training.losses import sft_loss
+
+
+def positions_from_valid(valid_BL: jax.Array) -> jax.Array:
+  return jnp.maximum(jnp.cumsum(valid_BL, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def make_sft_loss(graphdef: nnx.GraphDef):
+  """loss_fn(params, batch, rng) for `make_train_step`; batch has tokens, loss_mask, valid."""
+
+  def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    del rng
+    model = nnx.merge(graphdef, params)
+    tokens, valid = batch["tokens"], batch["valid"]
+    logits, _ = model(tokens[:, :-1], positions_from_valid(valid)[:, :-1], causal_mask(valid[:, :-1]))
+    s, c = sft_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:] * valid[:, 1:])
+    return s, c, {}
+
+  return loss_fn
