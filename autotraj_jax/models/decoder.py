@@ -106,14 +106,9 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
       v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
       cache = LayerCache(k, v)
-    B, L, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, L, K, N // K, H)
-    logits = jnp.einsum("blkgh,bskh->bkgls", q, k.astype(dt), preferred_element_type=jnp.float32)
-    logits = logits * (H ** -0.5)
-    logits = jnp.where(mask_BLS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgls,bskh->blkgh", probs, v.astype(dt)).reshape(B, L, N, H)
+    # GQA, fp32 softmax, masked by slot; XLA on CPU/TPU, cuDNN flash attention where available.
+    out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask_BLS[:, None],
+                                       implementation=cfg.attention_impl)
     return self.o_proj(out, dt), cache
 
 
