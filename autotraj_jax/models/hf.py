@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from safetensors import safe_open
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.models import build
-from autotraj_jax.models.config import _DTYPES, ModelConfig
+from autotraj_jax.models.config import ModelConfig
 
 PathLike = str | os.PathLike
 
@@ -97,7 +98,7 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
 
   hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
   stored = hf.get("dtype") or hf.get("torch_dtype")
-  dtype = stored if stored in _DTYPES else "float32"
+  dtype = stored if stored in _ST_DTYPES else "float32"
   cfg = ModelConfig(
       vocab_size=hf["vocab_size"],
       hidden_size=hidden,
@@ -271,8 +272,6 @@ class _Reader:
   """Lazily opened safetensors files of one HF directory, with errors that name the file."""
 
   def __init__(self, hf_dir: PathLike):
-    from safetensors import safe_open
-    self._open_fn = safe_open
     self.dir = pathlib.Path(hf_dir)
     self._files: dict[str, Any] = {}
     index, single = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
@@ -296,7 +295,7 @@ class _Reader:
     if name not in self._files:
       path = self.dir / name
       try:
-        self._files[name] = self._open_fn(str(path), framework="numpy").__enter__()
+        self._files[name] = safe_open(str(path), framework="numpy").__enter__()
       except Exception as e:  # the rust reader raises its own error type
         raise ValueError(f"cannot read safetensors file {path}: {e}") from e
     return self._files[name]
@@ -330,7 +329,9 @@ class _Reader:
 
 
 def _normalize(index: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
-  index = tuple(index or ()) + (slice(None),) * (len(shape) - len(tuple(index or ())))
+  """Shard index from make_array_from_callback -> one explicit (start, stop) slice per axis."""
+  index = tuple(index or ())
+  index += (slice(None),) * (len(shape) - len(index))
   out = []
   for s, n in zip(index, shape):
     start, stop, step = s.indices(n)
@@ -350,8 +351,6 @@ def load_hf(hf_dir: PathLike, *, mesh: Mesh | None = None,
   """
   cfg, kind = config_from_hf(read_hf_config(hf_dir))
   if dtype is not None:
-    if dtype not in _DTYPES:
-      raise ValueError(f"dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
     cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
   _, abstract = build.abstract_model(cfg, kind)
   reader = _Reader(hf_dir)
