@@ -1,0 +1,158 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from autotraj_jax import sharding as shd
+from autotraj_jax.engine import EngineConfig, GenerationRequest, JaxEngine, SamplingParams
+from autotraj_jax.models import causal_mask, get_preset, init_model, merge
+from autotraj_jax.models.hf import load_hf
+
+PROMPTS = ["<think> 12 + 7 =", "Question: who wrote", "<code>print(", "a"]
+
+
+def greedy(n):
+  return SamplingParams(temperature=0.0, max_new_tokens=n)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory, demo_tokenizer):
+  torch.manual_seed(0)
+  cfg = transformers.Qwen2Config(vocab_size=len(demo_tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=512, initializer_range=0.2,
+                                 tie_word_embeddings=True)
+  model = transformers.Qwen2ForCausalLM(cfg).eval()
+  path = tmp_path_factory.mktemp("hf_qwen2")
+  model.save_pretrained(path)
+  return model, str(path)
+
+
+@pytest.fixture(scope="module")
+def engine(hf_model, demo_tokenizer):
+  cfg, kind, params = load_hf(hf_model[1])
+  graphdef, _ = init_model(cfg)
+  return JaxEngine(graphdef, params, cfg, demo_tokenizer,
+                   config=EngineConfig(batch_buckets=(1, 4, 8), prompt_buckets=(16, 32),
+                                       new_token_buckets=(16, 32), chunk_steps=8))
+
+
+def teacher_forced_logprobs(engine, prompt, completion):
+  ids = jnp.asarray([list(prompt) + list(completion)])
+  L = ids.shape[1]
+  logits, _ = merge(engine.graphdef, engine.params)(ids, jnp.arange(L)[None], causal_mask(jnp.ones((1, L), bool)))
+  logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1])
+  return np.asarray(jnp.take_along_axis(logp, jnp.asarray(completion)[:, None], axis=1)[:, 0])
+
+
+def test_greedy_matches_transformers(engine, hf_model, demo_tokenizer):
+  model, _ = hf_model
+  prompts = [demo_tokenizer.encode(p) for p in PROMPTS]
+  outs = engine.generate([GenerationRequest(p, greedy(24)) for p in prompts])
+  for p, out in zip(prompts, outs):
+    with torch.no_grad():
+      ref = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=24,
+                           eos_token_id=demo_tokenizer.eos_token_id, pad_token_id=demo_tokenizer.pad_token_id)
+    ref_new = ref[0, len(p):].tolist()
+    assert out.token_ids == ref_new[:len(out.token_ids)]
+    assert len(out.token_ids) == len(ref_new)
+    assert out.finish_reason in ("length", "eos")
+    assert out.text == demo_tokenizer.decode(out.token_ids)
+
+
+def test_sampled_logprobs_equal_teacher_forced(engine, demo_tokenizer):
+  prompts = [demo_tokenizer.encode(p) for p in PROMPTS]
+  reqs = [GenerationRequest(p, SamplingParams(temperature=t, top_p=tp, top_k=k, max_new_tokens=20, seed=i))
+          for i, (p, t, tp, k) in enumerate(zip(prompts, (1.0, 0.7, 1.3, 1.0), (1.0, 0.9, 1.0, 0.8), (-1, -1, 50, 5)))]
+  for req, out in zip(reqs, engine.generate(reqs)):
+    assert len(out.logprobs) == len(out.token_ids) > 0
+    np.testing.assert_allclose(out.logprobs, teacher_forced_logprobs(engine, req.prompt_ids, out.token_ids),
+                               atol=1e-4)
+
+
+def test_seed_gives_same_sample_in_any_batch(engine, demo_tokenizer):
+  p = demo_tokenizer.encode(PROMPTS[1])
+  req = GenerationRequest(p, SamplingParams(temperature=1.0, max_new_tokens=16, seed=123))
+  alone = engine.generate([req])[0]
+  others = [GenerationRequest(demo_tokenizer.encode(x), SamplingParams(temperature=1.0, max_new_tokens=30, seed=i))
+            for i, x in enumerate(PROMPTS)]
+  mixed = engine.generate(others[:2] + [req] + others[2:])[2]
+  assert alone.token_ids == mixed.token_ids
+  other_seed = engine.generate([GenerationRequest(p, SamplingParams(temperature=1.0, max_new_tokens=16, seed=124))])[0]
+  assert other_seed.token_ids != alone.token_ids
+
+
+def test_top_k_one_is_greedy(engine, demo_tokenizer):
+  p = demo_tokenizer.encode(PROMPTS[0])
+  a = engine.generate([GenerationRequest(p, greedy(16))])[0]
+  b = engine.generate([GenerationRequest(p, SamplingParams(temperature=1.0, top_k=1, max_new_tokens=16, seed=5))])[0]
+  assert a.token_ids == b.token_ids
+
+
+def test_stop_string_split_across_tokens(engine, demo_tokenizer):
+  p = demo_tokenizer.encode(PROMPTS[0])
+  ref = engine.generate([GenerationRequest(p, greedy(24))])[0]
+  ids = ref.token_ids
+  pieces = [demo_tokenizer.decode([t]) for t in ids]
+  # A stop string made of the end of token 3 and the start of token 4: no single token holds it.
+  j = next(j for j in range(3, len(ids) - 1) if pieces[j] and pieces[j + 1]
+           and demo_tokenizer.decode(ids[:j]).find(pieces[j][-1] + pieces[j + 1][0]) < 0)
+  stop = pieces[j][-1] + pieces[j + 1][0]
+  out = engine.generate([GenerationRequest(p, greedy(24), stop=(stop,))])[0]
+  assert out.finish_reason == "stop" and out.matched_stop == stop
+  assert out.token_ids == ids[:j + 2]
+  assert out.text.endswith(stop) or stop in out.text[-len(pieces[j + 1]) - 1:]
+  # A whole-token stop string and a stop token id.
+  whole = pieces[5]
+  out = engine.generate([GenerationRequest(p, greedy(24), stop=(whole,))])[0]
+  assert out.finish_reason == "stop" and whole in out.text and len(out.token_ids) <= 6
+  out = engine.generate([GenerationRequest(p, greedy(24), stop_token_ids=(ids[4],))])[0]
+  assert out.finish_reason == "eos" and out.token_ids[-1] == ids[4] and len(out.token_ids) <= 5
+
+
+def test_compiles_once_per_bucket(hf_model, demo_tokenizer):
+  cfg, _, params = load_hf(hf_model[1])
+  graphdef, _ = init_model(cfg)
+  eng = JaxEngine(graphdef, params, cfg, demo_tokenizer,
+                  config=EngineConfig(batch_buckets=(4,), prompt_buckets=(32,), new_token_buckets=(32,),
+                                      chunk_steps=8))
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    n = int(rng.integers(1, 5))
+    reqs = [GenerationRequest(rng.integers(3, 2000, int(rng.integers(1, 30))).tolist(),
+                              SamplingParams(temperature=float(rng.choice([0.0, 1.0])), max_new_tokens=int(rng.integers(1, 32)), seed=i),
+                              stop=("</code>",) if i % 2 else ())
+            for _ in range(n)]
+    outs = eng.generate(reqs)
+    assert all(len(o.token_ids) <= r.sampling.max_new_tokens for o, r in zip(outs, reqs))
+  assert eng.num_compiles == 2  # one prefill, one decode chunk
+  # New weights: same shapes, no recompilation, different output.
+  new = jax.tree.map(lambda x: x * 1.5, params)
+  before = eng.generate([GenerationRequest([5, 6, 7], greedy(16))])[0].token_ids
+  eng.update_params(new)
+  after = eng.generate([GenerationRequest([5, 6, 7], greedy(16))])[0].token_ids
+  assert eng.num_compiles == 2 and before != after
+
+
+def test_sharded_engine_matches_single_device(hf_model, demo_tokenizer, engine):
+  cfg, _, params = load_hf(hf_model[1])
+  graphdef, _ = init_model(cfg)
+  mesh = shd.make_mesh(shd.MeshConfig(data=4, fsdp=1, tp=2))
+  eng = JaxEngine(graphdef, shd.shard_params(params, mesh), cfg, demo_tokenizer, mesh=mesh,
+                  config=EngineConfig(batch_buckets=(4, 8), prompt_buckets=(16, 32), new_token_buckets=(16,),
+                                      chunk_steps=8))
+  reqs = [GenerationRequest(demo_tokenizer.encode(p), greedy(12)) for p in PROMPTS]
+  for a, b in zip(eng.generate(reqs), engine.generate(reqs)):
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_bad_requests(engine):
+  with pytest.raises(ValueError, match="at least one prompt token"):
+    GenerationRequest([])
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingParams(top_p=0)
+  with pytest.raises(ValueError, match="exceeds the largest bucket"):
+    engine.generate([GenerationRequest(list(range(3, 100)), greedy(4))])
