@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -75,12 +75,17 @@ def _tool_input(model_text_since_result: str, tool: str, closing: str) -> str | 
 def run_rollouts(backend: LLMBackend, tokenizer, queries: Sequence[Query], tools: Mapping[str, Tool],
                  cfg: RolloutConfig, *, samples_per_query: int = 1, id_prefix: str = "",
                  system_prompt: str = prompts.SYSTEM_PROMPT, progress: bool = False,
-                 provenance: Mapping[str, object] | None = None) -> list[Trajectory]:
-  """`samples_per_query` trajectories per query, in query order."""
+                 provenance: Mapping[str, object] | None = None,
+                 prompt_builder: Callable[[Query], list[int]] | None = None) -> list[Trajectory]:
+  """`samples_per_query` trajectories per query, in query order.
+
+  `prompt_builder` replaces the policy prompt (the repairer's prompt holds the bad trajectory);
+  the returned trajectories then carry that prompt, and callers re-attach the policy prompt.
+  """
   stops = prompts.stop_strings(list(tools))
   live: list[_Live] = []
   for q in queries:
-    p_ids = prompts.prompt_ids(tokenizer, q.question, system_prompt)
+    p_ids = prompt_builder(q) if prompt_builder else prompts.prompt_ids(tokenizer, q.question, system_prompt)
     for k in range(samples_per_query):
       tid = f"{id_prefix}{q.id}#{k}"
       traj = Trajectory(id=tid, question_id=q.id, question=q.question, prompt_ids=p_ids, gold=q.gold,
