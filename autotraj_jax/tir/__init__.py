@@ -1,0 +1,1 @@
+"""Tool-integrated reasoning: trajectory format, tools (python sandbox, search, calculator), rollout loop."""
