@@ -16,7 +16,7 @@ from autotraj_jax.tir import prompts
 from autotraj_jax.tir.rollout import Query, RolloutConfig, run_rollouts
 from autotraj_jax.tir.tools import Tool
 from autotraj_jax.tir.trajectory import Trajectory
-from data_gen.scoring import HIGH, LOW, WRONG, Scored, ScoringConfig, is_correct, score_group
+from data_gen.scoring import HIGH, LOW, WRONG, ScoringConfig, is_correct, score_group
 
 LOW_QUALITY_SYSTEM = (
     "You rewrite tool-use solutions. You get a question, an earlier solution that reaches the right "
@@ -44,20 +44,22 @@ class RepairConfig:
   retry_temperature: float = 0.7         # attempts after the first sample at this temperature
 
 
-def repair_messages(orig: Scored, show_gold: bool) -> list[dict[str, str]]:
-  system = WRONG_ANSWER_SYSTEM if orig.category == WRONG else LOW_QUALITY_SYSTEM
-  notes = orig.diagnosis() or ["no specific problem found; make it clearer and shorter"]
-  user = (f"Question:\n{orig.traj.question}\n\nEarlier solution:\n{orig.traj.text.strip()}\n\n"
+def repair_messages(orig: Trajectory, show_gold: bool) -> list[dict[str, str]]:
+  """The repairer's chat: which prompt depends on the failure; the user turn holds the question,
+  the scored trajectory and its diagnosis (and the gold answer only if asked)."""
+  system = WRONG_ANSWER_SYSTEM if orig.quality == WRONG else LOW_QUALITY_SYSTEM
+  notes = orig.diagnosis or ["no specific problem found; make it clearer and shorter"]
+  user = (f"Question:\n{orig.question}\n\nEarlier solution:\n{orig.text.strip()}\n\n"
           "Reviewer notes:\n" + "\n".join(f"- {n}" for n in notes))
-  if show_gold and orig.traj.gold is not None:
-    user += f"\n\nThe correct final answer is {orig.traj.gold}."
+  if show_gold and orig.gold is not None:
+    user += f"\n\nThe correct final answer is {orig.gold}."
   user += "\n\nWrite the improved solution."
   return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 @dataclasses.dataclass
 class RepairOutcome:
-  original: Scored
+  original: Trajectory
   repaired: Trajectory | None          # accepted repair (policy prompt attached)
   attempts: list[tuple[Trajectory, list[str]]]  # every attempt and why it was rejected
 
@@ -65,31 +67,38 @@ class RepairOutcome:
   def accepted(self) -> bool:
     return self.repaired is not None
 
+  def to_dict(self) -> dict:
+    return {"original_id": self.original.id, "accepted": self.accepted,
+            "repaired": self.repaired.to_dict() if self.repaired else None,
+            "attempts": [{"trajectory": t.to_dict(), "reasons": r} for t, r in self.attempts]}
 
-def judge(orig: Scored, repaired: Trajectory, scoring: ScoringConfig, cfg: RepairConfig) -> tuple[Scored, list[str]]:
+
+def judge(orig: Trajectory, repaired: Trajectory, scoring: ScoringConfig, cfg: RepairConfig) -> list[str]:
   """Scores a repair next to its original and lists the reasons to reject it (empty: accept)."""
-  rep = score_group([dataclasses.replace(orig.traj, scores=dict(orig.traj.scores)), repaired], scoring)[1]
+  copy = dataclasses.replace(orig, scores=dict(orig.scores), diagnosis=list(orig.diagnosis))
+  rep = score_group([copy, repaired], scoring)[1]
   reasons = []
   if not is_correct(repaired):
     reasons.append("wrong answer" if repaired.answer else "no answer")
-  threshold = cfg.accept_threshold_wrong if orig.category == WRONG else cfg.accept_threshold
+  threshold = cfg.accept_threshold_wrong if orig.quality == WRONG else cfg.accept_threshold
   if rep.total < threshold:
     reasons.append(f"score {rep.total:.3f} below {threshold}")
-  if cfg.require_improvement and rep.total <= orig.total:
-    reasons.append(f"score {rep.total:.3f} does not beat the original's {orig.total:.3f}")
+  orig_total = orig.scores.get("total", 0.0)
+  if cfg.require_improvement and rep.total <= orig_total:
+    reasons.append(f"score {rep.total:.3f} does not beat the original's {orig_total:.3f}")
   reasons += [d for d in rep.diagnosis() if d.startswith("format")]
-  return rep, reasons
+  return reasons
 
 
-def repair(backend, tokenizer, tools: Mapping[str, Tool], originals: Sequence[Scored],
+def repair(backend, tokenizer, tools: Mapping[str, Tool], originals: Sequence[Trajectory],
            scoring: ScoringConfig, cfg: RepairConfig, *, progress: bool = False,
            model_name: str = "") -> list[RepairOutcome]:
-  """Repairs every low-quality or wrong trajectory in `originals` (high ones are skipped)."""
-  todo = [o for o in originals if o.category in (LOW, WRONG)]
-  outcomes = {o.traj.id: RepairOutcome(o, None, []) for o in todo}
-  by_id = {o.traj.id: o for o in todo}
+  """Repairs every scored low-quality or wrong trajectory in `originals` (others are skipped)."""
+  todo = [o for o in originals if o.quality in (LOW, WRONG)]
+  outcomes = {o.id: RepairOutcome(o, None, []) for o in todo}
+  by_id = {o.id: o for o in todo}
   for attempt in range(cfg.attempts):
-    pending = [o for o in todo if not outcomes[o.traj.id].accepted]
+    pending = [o for o in todo if not outcomes[o.id].accepted]
     if not pending:
       break
     sampling = cfg.rollout.sampling
@@ -97,8 +106,7 @@ def repair(backend, tokenizer, tools: Mapping[str, Tool], originals: Sequence[Sc
       sampling = dataclasses.replace(sampling, temperature=cfg.retry_temperature,
                                      seed=(sampling.seed or 0) + 1000 * attempt)
     rcfg = dataclasses.replace(cfg.rollout, sampling=sampling)
-    queries = [Query(id=o.traj.id, question=o.traj.question, gold=o.traj.gold, domain=o.traj.domain)
-               for o in pending]
+    queries = [Query(id=o.id, question=o.question, gold=o.gold, domain=o.domain) for o in pending]
 
     def build(q: Query) -> list[int]:
       return _chat_ids(tokenizer, repair_messages(by_id[q.id], cfg.show_gold))
@@ -106,16 +114,16 @@ def repair(backend, tokenizer, tools: Mapping[str, Tool], originals: Sequence[Sc
     trajs = run_rollouts(backend, tokenizer, queries, tools, rcfg, id_prefix="", prompt_builder=build,
                          progress=progress, provenance={"source": "repaired"})
     for o, t in zip(pending, trajs):
-      t.id = f"{o.traj.id}/repair{attempt}"
-      t.question_id = o.traj.question_id
-      t.prompt_ids = prompts.prompt_ids(tokenizer, o.traj.question)
-      t.provenance = {"source": "repaired", "parent_id": o.traj.id, "attempt": attempt,
-                      "failure_type": o.category, "diagnosis": o.diagnosis(), "model": model_name}
-      _, reasons = judge(o, t, scoring, cfg)
-      outcomes[o.traj.id].attempts.append((t, reasons))
+      t.id = f"{o.id}/repair{attempt}"
+      t.question_id = o.question_id
+      t.prompt_ids = prompts.prompt_ids(tokenizer, o.question)
+      t.provenance = {"source": "repaired", "parent_id": o.id, "attempt": attempt,
+                      "failure_type": o.quality, "model": model_name}
+      reasons = judge(o, t, scoring, cfg)
+      outcomes[o.id].attempts.append((t, reasons))
       if not reasons:
-        outcomes[o.traj.id].repaired = t
-  return [outcomes[o.traj.id] for o in todo]
+        outcomes[o.id].repaired = t
+  return [outcomes[o.id] for o in todo]
 
 
 def _chat_ids(tokenizer, messages) -> list[int]:

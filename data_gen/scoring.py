@@ -211,6 +211,8 @@ def score_group(group: Sequence[Trajectory], cfg: ScoringConfig) -> list[Scored]
           result[i].category = LOW
   for s in result:
     s.traj.scores = {**{k: v.value for k, v in s.scores.items()}, "total": s.total}
+    s.traj.quality = s.category
+    s.traj.diagnosis = s.diagnosis()
   return result
 
 

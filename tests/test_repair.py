@@ -29,8 +29,9 @@ def test_repair_sees_trajectory_and_diagnosis_and_is_verified(demo_tokenizer):
   low = original(tok, HEDGED, "ran:print(6*7)", "<think>maybe 42</think>\n<answer>The final answer is \\boxed{42}</answer>", "q1#0")
   wrong = original(tok, "<think>guess</think>\n<code>print(6*8)</code>", "48",
                    "<think>ok</think>\n<answer>The final answer is \\boxed{48}</answer>", "q1#1")
-  s_low, s_wrong = score_group([low, wrong], cfg)
-  assert (s_low.category, s_wrong.category) == (LOW, WRONG)
+  score_group([low, wrong], cfg)
+  s_low, s_wrong = low, wrong
+  assert (low.quality, wrong.quality) == (LOW, WRONG)
   msgs = repair_messages(s_low, show_gold=False)
   assert low.text.strip() in msgs[1]["content"] and "hedging in reasoning" in msgs[1]["content"]
   assert "42." not in msgs[1]["content"].split("Reviewer notes")[1]

@@ -57,6 +57,8 @@ class Trajectory:
   finish_reason: str = ""          # answer | eos | length | budget | error
   answer: str | None = None
   scores: dict[str, float] = dataclasses.field(default_factory=dict)
+  quality: str = ""                # high | low | wrong, once scored
+  diagnosis: list[str] = dataclasses.field(default_factory=list)  # what the scorers found wrong
   provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
   version: int = SCHEMA_VERSION
 
