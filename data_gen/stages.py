@@ -67,9 +67,9 @@ def make_backend(config, wd: Workdir, role: str = "policy"):
   from autotraj_jax import checkpoint
   from autotraj_jax.engine import EngineConfig, JaxEngine
   from autotraj_jax.models import abstract_model
-  ckpt = node.get("checkpoint") or wd.path(role, "checkpoints")
-  if not os.path.isdir(ckpt):
-    ckpt = wd.path("policy", "checkpoints")
+  ckpt = node.get("checkpoint") or os.path.join(wd.root, role, "checkpoints")
+  if not os.path.isdir(ckpt):  # the demo policy doubles as the repairer
+    ckpt = os.path.join(wd.root, "policy", "checkpoints")
   cfg, kind, params = checkpoint.load_model(ckpt)
   graphdef, _ = abstract_model(cfg, kind)
   eng = config.engine

@@ -28,13 +28,22 @@ def main(argv):
     import jax
     jax.distributed.initialize()
   from autotraj_jax import stages
-  import data_gen.stages  # noqa: F401  (registers the stage-1 stages)
+  import data_gen.demo_stages  # noqa: F401  (registers the stages)
+  import data_gen.stages  # noqa: F401
   wd = stages.run_stages(config)
   for name, info in wd.stage_info().items():
     logging.info("%-12s %8.1fs", name, info["wall_s"])
   print(f"done: {wd.root}")
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of checkpointing libraries; their warnings still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(s in record.pathname for s in ("/orbax/", "/jax/_src/", "/grain/"))
+
+
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(main)

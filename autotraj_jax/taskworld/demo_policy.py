@@ -1,0 +1,164 @@
+"""Warm-start data for the demo policy: a tiny model must behave like a weak instruct model.
+
+No pretrained weights can be downloaded, so the demo policy is trained from scratch on
+reference trajectories of the task world with controlled imperfections mixed in: hedging in
+the reasoning, identical repeated tool calls, a failing first call, verbose repeated sentences,
+broken tags, and answering without the tool (and getting it wrong). The same model is also the
+demo repairer: it is trained on repair demonstrations (question + flawed trajectory + the
+scorers' diagnosis -> the clean trajectory), so stage 1 runs with one small checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Any, Callable, Sequence
+
+from autotraj_jax.taskworld.render import reference_tool_outputs, render_reference_trajectory
+from autotraj_jax.taskworld.task import CodeStep, Task
+from autotraj_jax.tir import prompts
+from autotraj_jax.tir.format import extract_answer
+from autotraj_jax.tir.trajectory import Segment, Trajectory
+
+_RESULT_RE = re.compile(r"\n<result>\n.*?\n</result>\n", re.DOTALL)
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+FLAWS = ("hedge", "repeat_call", "failed_call", "verbose", "broken_tags", "guess")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlawRates:
+  """Probability of each flaw in a policy warm-start example (the rest are clean)."""
+
+  hedge: float = 0.12
+  repeat_call: float = 0.08
+  failed_call: float = 0.08
+  verbose: float = 0.08
+  broken_tags: float = 0.04
+  guess: float = 0.25
+
+  def pick(self, rng: random.Random) -> str | None:
+    r = rng.random()
+    for name in FLAWS:
+      r -= getattr(self, name)
+      if r < 0:
+        return name
+    return None
+
+
+def split_pieces(text: str) -> list[tuple[str, str]]:
+  """[('model', text), ('tool', '<result> block'), ...] in order."""
+  out, pos = [], 0
+  for m in _RESULT_RE.finditer(text):
+    if m.start() > pos:
+      out.append(("model", text[pos:m.start()]))
+    out.append(("tool", m.group(0)))
+    pos = m.end()
+  if pos < len(text):
+    out.append(("model", text[pos:]))
+  return out
+
+
+def _perturb(answer: str, rng: random.Random, others: Sequence[str]) -> str:
+  if answer.lstrip("-").isdigit():
+    n = int(answer)
+    delta = rng.choice([1, -1]) * rng.randint(1, max(2, abs(n) // 7 + 1))
+    return str(n + delta)
+  candidates = [o for o in others if o != answer]
+  return rng.choice(candidates) if candidates else answer + " Jr"
+
+
+def flawed(text: str, task: Task, flaw: str, rng: random.Random, *, failed_output: str,
+           other_answers: Sequence[str]) -> str:
+  """`text` (a clean reference trajectory) with one flaw."""
+  pieces = split_pieces(text)
+  if flaw == "hedge":
+    word = rng.choice(["probably", "maybe", "perhaps", "it seems", "likely"])
+    thinks = list(_THINK_RE.finditer(text))
+    m = rng.choice(thinks)
+    body = m.group(1).rstrip(".")
+    return text[:m.start(1)] + f"{body}, {word}. Let me recheck, I guess it might be right." + text[m.end(1):]
+  if flaw == "verbose":
+    m = list(_THINK_RE.finditer(text))[-1]
+    sentence = m.group(1).strip()
+    return text[:m.start(1)] + " ".join([sentence] * 3) + text[m.end(1):]
+  if flaw == "broken_tags":
+    i = text.rfind("</think>")
+    return text[:i] + text[i + len("</think>"):] if rng.random() < 0.5 else \
+        text.replace("<answer>", "So the answer follows.\n<answer>", 1)
+  if flaw == "guess":
+    guess = _perturb(task.answer, rng, other_answers)
+    plan = pieces[0][1].split("</think>")[0] + "</think>\n"
+    return (plan + f"<think>I can estimate this without a tool. It should be {guess}.</think>\n"
+            f"<answer>The final answer is \\boxed{{{guess}}}</answer>")
+  # Flaws on the first tool call: repeat it verbatim, or precede it with a failing call.
+  first_model, rest = pieces[0][1], pieces[1:]
+  if not rest or rest[0][0] != "tool":
+    return text
+  call_start = max(first_model.rfind("<code>"), first_model.rfind("<search>"))
+  call = first_model[call_start:]
+  if flaw == "repeat_call":
+    return first_model + rest[0][1] + "<think>Let me run that again to be sure.</think>\n" + call + \
+        "".join(p for _, p in rest)
+  if flaw == "failed_call":
+    bad = "<code>\nprint(total)\n</code>"
+    return (first_model[:call_start] + bad + prompts.result_block(failed_output) +
+            "<think>That failed: the variable was not defined. I write the full computation.</think>\n" +
+            call + "".join(p for _, p in rest))
+  raise ValueError(f"unknown flaw {flaw!r}")
+
+
+def to_trajectory(tokenizer, task: Task, prompt_ids: list[int], text: str, *, source: str) -> Trajectory:
+  """A Trajectory whose segments are `text` tokenised piece by piece (results as mask 0)."""
+  segs = []
+  for kind, piece in split_pieces(text):
+    ids = list(tokenizer.encode(piece, add_special_tokens=False))
+    segs.append(Segment(kind, ids, piece))
+  t = Trajectory(id=f"{source}/{task.id}", question_id=task.id, question=task.question,
+                 prompt_ids=list(prompt_ids), segments=segs, gold=task.answer, domain=task.domain,
+                 finish_reason="answer", provenance={"source": source})
+  t.answer = extract_answer(t.text)
+  return t
+
+
+def warmstart_examples(tokenizer, tasks: Sequence[Task], corpus: Any, *, rates: FlawRates, seed: int,
+                       repair_fraction: float, run_code: Callable[[str], str],
+                       scoring_preset: str = "autotraj") -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+  """Training examples ({tokens, loss_mask}) for the demo policy + repairer, and their counts."""
+  from data_gen.repair import _chat_ids, repair_messages
+  from data_gen.scoring import HIGH, PRESETS, score_group
+
+  rng = random.Random(seed)
+  outputs = reference_tool_outputs(tasks, corpus)
+  failed_output = run_code("print(total)")
+  answers_by_family: dict[str, list[str]] = {}
+  for t in tasks:
+    answers_by_family.setdefault(t.family, []).append(t.answer)
+  eos = tokenizer.eos_token_id
+  examples, counts = [], {"clean": 0, "repair": 0, **{f: 0 for f in FLAWS}}
+  for task, outs in zip(tasks, outputs):
+    clean = render_reference_trajectory(task, outs, corpus=corpus)
+    p_ids = prompts.prompt_ids(tokenizer, task.question)
+    if rng.random() < repair_fraction:
+      flaw = rng.choice(FLAWS)
+      bad_text = flawed(clean, task, flaw, rng, failed_output=failed_output,
+                        other_answers=answers_by_family[task.family])
+      bad = to_trajectory(tokenizer, task, p_ids, bad_text, source="demo-flawed")
+      score_group([bad], PRESETS[scoring_preset])
+      if bad.quality == HIGH:
+        continue  # the scorers see nothing to repair
+      r_ids = _chat_ids(tokenizer, repair_messages(bad, show_gold=False))
+      good = to_trajectory(tokenizer, task, r_ids, clean, source="demo-repair")
+      ex = good.training_example()
+      counts["repair"] += 1
+    else:
+      flaw = rates.pick(rng)
+      text = clean if flaw is None else flawed(clean, task, flaw, rng, failed_output=failed_output,
+                                               other_answers=answers_by_family[task.family])
+      ex = to_trajectory(tokenizer, task, p_ids, text, source="demo-policy").training_example()
+      counts[flaw or "clean"] += 1
+    ex["tokens"].append(eos)
+    ex["loss_mask"].append(1)
+    examples.append(ex)
+  return examples, counts
