@@ -74,7 +74,7 @@ def warmstart_stage(config, wd: Workdir) -> None:
   cfg = TrainConfig(steps=node.steps, batch_size=node.batch_size, micro_batch_size=node.micro_batch_size,
                     buckets=tuple(node.buckets), seed=config.seed, log_every=node.log_every,
                     checkpoint_every=node.checkpoint_every, keep_checkpoints=1,
-                    pad_id=tokenizer.pad_token_id or 0,
+                    pad_id=tokenizer.pad_token_id or 0, group_by_length=True,
                     optimizer=OptimizerConfig(learning_rate=node.learning_rate, warmup_steps=node.warmup_steps,
                                               total_steps=node.steps, end_lr_ratio=0.1, weight_decay=0.01))
   trainer = Trainer(cfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=mesh,

@@ -19,18 +19,17 @@ from autotraj_jax.tir.trajectory import Trajectory
 from data_gen.scoring import HIGH, LOW, WRONG, ScoringConfig, is_correct, score_group
 
 LOW_QUALITY_SYSTEM = (
-    "You rewrite tool-use solutions. You get a question, an earlier solution that reaches the right "
-    "answer but is poorly written, and a reviewer's notes on it. Write a new solution from scratch: "
-    "reason briefly inside <think> </think> without hedging words, call <code> or <search> only when "
-    "needed (at most three calls), think again after each <result>, and end with exactly one "
-    "<answer>The final answer is \\boxed{...}</answer>.")
+    "Rewrite a tool-use solution. Below are a question, an earlier solution that gets the right "
+    "answer but is poorly written, and a reviewer's notes. Write a new solution from scratch: brief "
+    "reasoning in <think> </think> without hedging, <code> or <search> only when needed (at most "
+    "three calls), and one final <answer>The final answer is \\boxed{...}</answer>.")
 
 WRONG_ANSWER_SYSTEM = (
-    "You rewrite tool-use solutions. You get a question, an earlier solution that reaches a wrong "
-    "answer, and a reviewer's notes on it. Work out where it went wrong (misreading, logic, arithmetic "
-    "or tool misuse), then write a new, correct solution from scratch: reason briefly inside "
-    "<think> </think>, call <code> or <search> when needed (at most three calls), think again after "
-    "each <result>, and end with exactly one <answer>The final answer is \\boxed{...}</answer>.")
+    "Rewrite a tool-use solution. Below are a question, an earlier solution that gets a wrong "
+    "answer, and a reviewer's notes. Find the mistake (misreading, logic, arithmetic or tool misuse) "
+    "and write a new, correct solution from scratch: brief reasoning in <think> </think>, <code> or "
+    "<search> when needed (at most three calls), and one final "
+    "<answer>The final answer is \\boxed{...}</answer>.")
 
 
 @dataclasses.dataclass(frozen=True)

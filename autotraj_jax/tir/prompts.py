@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 SYSTEM_PROMPT = (
-    "You solve the question step by step. Think inside <think> </think>. To compute, write Python "
-    "inside <code> </code> and print the result; to look up a fact, write a query inside "
-    "<search> </search>. Each tool call is followed by its output in <result> </result>. Use at most "
-    "three tool calls. Finish with <answer>The final answer is \\boxed{...}</answer>.")
+    "Solve step by step. Think in <think> </think>. Run Python in <code> </code> and print the "
+    "result, or look a fact up with <search> </search>; the output comes back in <result> </result>. "
+    "At most three tool calls. End with <answer>The final answer is \\boxed{...}</answer>.")
 
 TOOL_STOPS: dict[str, str] = {"</code>": "code", "</search>": "search", "</calculator>": "calculator"}
 ANSWER_STOP = "</answer>"

@@ -35,11 +35,35 @@ def collate(examples: Sequence[dict[str, Any]], buckets: Sequence[int], pad_id: 
   return out
 
 
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
+                           window: int = 32) -> list[list[int]]:
+  """Index batches of similar lengths: shuffle, sort inside windows of `window` batches, cut.
+
+  Batches then land in small buckets instead of all padding to the longest sequence seen.
+  """
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(len(lengths))
+  span = window * batch_size
+  batches = []
+  for start in range(0, len(perm), span):
+    chunk = sorted(perm[start:start + span].tolist(), key=lambda i: lengths[i])
+    batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+  return batches
+
+
 def batch_dataset(source: Any, *, batch_size: int, buckets: Sequence[int], seed: int,
-                  pad_id: int = 0, shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
+                  pad_id: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                  group_by_length: bool = False) -> grain.IterDataset:
   """Shuffled (per epoch), repeated, bucketed batches as a checkpointable IterDataset."""
   if len(source) < batch_size:
     raise ValueError(f"dataset has {len(source)} examples, fewer than one batch of {batch_size}")
+  if group_by_length:
+    lengths = [len(source[i]["tokens"]) for i in range(len(source))]
+    ds = grain.MapDataset.source(length_grouped_batches(lengths, batch_size, seed)).seed(seed)
+    if shuffle:
+      ds = ds.shuffle()
+    ds = ds.repeat(num_epochs).map(lambda idx: collate([source[i] for i in idx], buckets, pad_id))
+    return ds.to_iter_dataset()
   ds = grain.MapDataset.source(source).seed(seed)
   if shuffle:
     ds = ds.shuffle()

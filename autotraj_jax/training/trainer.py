@@ -33,6 +33,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   optimizer: OptimizerConfig = OptimizerConfig()
   pad_id: int = 0
+  group_by_length: bool = False  # batches of similar lengths (smaller buckets, less padding)
 
   def __post_init__(self):
     micro = self.micro_batch_size or self.batch_size
@@ -115,7 +116,7 @@ class Trainer:
     cfg = self.cfg
     local_batch = cfg.batch_size // jax.process_count()
     ds = data_lib.batch_dataset(source, batch_size=local_batch, buckets=cfg.buckets,
-                                seed=cfg.seed, pad_id=cfg.pad_id)
+                                seed=cfg.seed, pad_id=cfg.pad_id, group_by_length=cfg.group_by_length)
     data_iter = iter(ds)
     if self.ckpt.latest_step() is not None:
       state = self._restore(data_iter)

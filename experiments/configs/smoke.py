@@ -18,7 +18,7 @@ def get_config():
   c.world.update(train=200, validation=20, test=16, num_entities=200)
   c.tokenizer.update(vocab_size=512, num_tasks=100)
   c.model.preset = "demo"
-  c.warmstart.update(num_tasks=64, steps=4, batch_size=8, buckets=(1024,), checkpoint_every=2, log_every=1,
+  c.warmstart.update(num_tasks=64, steps=4, batch_size=8, buckets=(512,), checkpoint_every=2, log_every=1,
                      warmup_steps=1)
   c.generate.update(num_queries=8, samples_per_query=2, chunk_queries=4, max_tokens_per_turn=32,
                     max_response_tokens=64)
