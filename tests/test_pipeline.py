@@ -94,3 +94,34 @@ def test_sigkill_during_generation_and_repair_then_rerun(smoke_run, tmp_path):
   assert sorted(r["original_id"] for r in repairs) == sorted(r["original_id"] for r in ref_repairs)
   assert len({r["original_id"] for r in repairs}) == len(repairs)
   assert killed or os.path.exists(wd / ".done" / "repair")
+
+
+@pytest.mark.sglang
+def test_stage1_against_sglang_jax_server(smoke_run, tmp_path):
+  """The same stage-1 path with `backend=sglang`: the smoke policy exported and served."""
+  import shutil
+
+  import sglang_server
+  if sglang_server.find_python312() is None:
+    pytest.skip("sglang-jax needs Python 3.12 and none was found (set AUTOTRAJ_PYTHON312)")
+  hf_dir = tmp_path / "hf"
+  conv = subprocess.run([sys.executable, "-m", "autotraj_jax.convert", "--from-checkpoint",
+                         str(smoke_run / "policy" / "checkpoints"), "--to-hf", str(hf_dir),
+                         "--tokenizer", str(smoke_run / "tokenizer")], capture_output=True, text=True,
+                        cwd=ROOT)
+  assert conv.returncode == 0, conv.stderr[-2000:]
+  wd = tmp_path / "served"
+  wd.mkdir()
+  for name in ("world", "tokenizer"):  # inputs of stage 1, reused from the embedded run
+    shutil.copytree(smoke_run / name, wd / name)
+  with sglang_server.running_server(hf_dir) as url:
+    proc = run(wd, "--config.backend=sglang", f"--config.sglang.url={url}",
+               "--config.stages=('generate','score','repair','datasets')")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cands = read_trajectories(wd / "candidates.jsonl")
+  assert len(cands) == 16 and all(len(t.segments) >= 1 for t in cands)
+  for t in cands:
+    for seg in t.segments:
+      if seg.kind == "model":
+        assert seg.logprobs is not None and len(seg.logprobs) == len(seg.token_ids)
+  assert os.path.exists(wd / "report" / "stats.json")

@@ -134,3 +134,22 @@ def test_missing_checkpoint_errors(tmp_path):
 def test_dataset_smaller_than_batch_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="fewer than one batch"):
     _trainer(tmp_path, steps=1).run(make_examples(3))
+
+
+def test_length_grouped_batches_and_host_shards():
+  data = make_examples(200, seed=4, max_len=64)
+  lengths = [len(d["tokens"]) for d in data]
+  batches = data_lib.length_grouped_batches(lengths, 8, seed=0, window=4)
+  flat = [i for b in batches for i in b]
+  assert len(flat) == len(set(flat)) and all(len(b) == 8 for b in batches)
+  spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+  rand = np.mean([np.ptp([lengths[i] for i in b]) for b in np.array_split(np.arange(192), 24)])
+  assert spread < rand / 2  # grouped batches pad far less than random ones
+  it = iter(data_lib.batch_dataset(data, batch_size=8, buckets=(16, 32, 64), seed=0, group_by_length=True))
+  assert next(it)["tokens"].shape[0] == 8
+  # Host shards see disjoint records.
+  a = iter(data_lib.batch_dataset(data, batch_size=4, buckets=(64,), seed=0, shuffle=False, shard=(0, 2)))
+  b = iter(data_lib.batch_dataset(data, batch_size=4, buckets=(64,), seed=0, shuffle=False, shard=(1, 2)))
+  ta, tb = next(a)["tokens"], next(b)["tokens"]
+  np.testing.assert_array_equal(ta[0, :len(data[0]["tokens"])], data[0]["tokens"])
+  np.testing.assert_array_equal(tb[0, :len(data[1]["tokens"])], data[1]["tokens"])

@@ -53,18 +53,23 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
 
 def batch_dataset(source: Any, *, batch_size: int, buckets: Sequence[int], seed: int,
                   pad_id: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                  group_by_length: bool = False) -> grain.IterDataset:
-  """Shuffled (per epoch), repeated, bucketed batches as a checkpointable IterDataset."""
+                  group_by_length: bool = False, shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+  """Shuffled (per epoch), repeated, bucketed batches as a checkpointable IterDataset.
+
+  `shard=(index, count)` keeps every count-th record (or batch, when grouped by length) starting
+  at index: each host of a multi-host run reads only its slice of the data.
+  """
+  index, count = shard
   if len(source) < batch_size:
     raise ValueError(f"dataset has {len(source)} examples, fewer than one batch of {batch_size}")
   if group_by_length:
     lengths = [len(source[i]["tokens"]) for i in range(len(source))]
-    ds = grain.MapDataset.source(length_grouped_batches(lengths, batch_size, seed)).seed(seed)
+    ds = grain.MapDataset.source(length_grouped_batches(lengths, batch_size, seed))[index::count].seed(seed)
     if shuffle:
       ds = ds.shuffle()
     ds = ds.repeat(num_epochs).map(lambda idx: collate([source[i] for i in idx], buckets, pad_id))
     return ds.to_iter_dataset()
-  ds = grain.MapDataset.source(source).seed(seed)
+  ds = grain.MapDataset.source(source)[index::count].seed(seed)
   if shuffle:
     ds = ds.shuffle()
   ds = ds.repeat(num_epochs)

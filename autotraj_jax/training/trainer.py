@@ -116,7 +116,8 @@ class Trainer:
     cfg = self.cfg
     local_batch = cfg.batch_size // jax.process_count()
     ds = data_lib.batch_dataset(source, batch_size=local_batch, buckets=cfg.buckets,
-                                seed=cfg.seed, pad_id=cfg.pad_id, group_by_length=cfg.group_by_length)
+                                seed=cfg.seed, pad_id=cfg.pad_id, group_by_length=cfg.group_by_length,
+                                shard=(jax.process_index(), jax.process_count()))
     data_iter = iter(ds)
     if self.ckpt.latest_step() is not None:
       state = self._restore(data_iter)
