@@ -82,15 +82,21 @@ import warnings
 import weakref
 from typing import Any, Sequence
 
-_WORKER_MODULE = "_autotraj_sandbox_worker"  # the supervisor loads this file alone, stdlib only
+_WORKER_MODULE = "_autotraj_sandbox_worker"  # the supervisor runs this source alone, stdlib only
 if __name__ != _WORKER_MODULE:
   from autotraj_jax.tir.tools import ToolResult, register_tool, truncate_middle
+
+  # Supervisors run the source the host imported, so a long-running host that restarts a worker
+  # never mixes its own protocol with a newer version of this file.
+  with open(__file__, encoding="utf-8") as _f:
+    _SOURCE = _f.read()
 
 __all__ = ["PythonSandbox", "main"]
 
 LAYERS = ("uid_drop", "userns", "mount_ns", "net_ns", "pid_ns", "seccomp")
 _UID_BASE = 1_000_000
 _SESSION_CPU_FACTOR = 20  # a session's processes may use 20 x cpu_s CPU seconds in total
+_MAX_REPORT = 64 << 10  # bytes of a cell's result line
 _READY_TIMEOUT_S = 120.0  # first start imports numpy/sympy on a busy 2-core box
 
 _CLONE_NEWNS, _CLONE_NEWUSER = 0x00020000, 0x10000000
@@ -279,10 +285,12 @@ def _isolate_supervisor(cfg: dict) -> dict:
     uid, gid = os.getuid(), os.getgid()
     try:
       _sys("unshare", flags)
-      for path, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+      maps = (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1"))
+      for path, text in maps:
         with open(f"/proc/self/{path}", "w") as f:
           f.write(text)
-      feats.update(userns=True, mount_ns=bool(flags & _CLONE_NEWNS), net_ns=bool(flags & _CLONE_NEWNET))
+      feats.update(userns=True, mount_ns=bool(flags & _CLONE_NEWNS),
+                   net_ns=bool(flags & _CLONE_NEWNET))
     except OSError:
       pass
   if feats["mount_ns"]:
@@ -477,6 +485,8 @@ class _Supervisor:
         if chunk == b"":
           return "sandbox cell exited during setup"
         cell.res_buf += chunk or b""
+        if len(cell.res_buf) > _MAX_REPORT:
+          return "sandbox cell sent an oversized ready message"
     line, _, rest = bytes(cell.res_buf).partition(b"\n")
     cell.res_buf = bytearray(rest)
     try:
@@ -578,8 +588,10 @@ class _Supervisor:
         return _reply(False, err, reset_before=reset_before)
       if sid is not None:
         self.sessions[sid] = cell
-    else:
-      _read_some(cell.out_r, drain=True)  # stale output of background threads
+    else:  # output and reports written since the last call belong to no one
+      _read_some(cell.out_r, drain=True)
+      _read_some(cell.res_r, drain=True)
+      cell.res_buf.clear()
     t0 = time.monotonic()
     deadline = t0 + float(self.cfg["timeout_s"])
     try:
@@ -588,7 +600,7 @@ class _Supervisor:
     except (OSError, TimeoutError):
       state, ok, error, out = "broken", False, "the sandbox process stopped responding", {}
     if state == "timeout":
-      ok, error = False, f"TimeoutError: execution exceeded the {self.cfg['timeout_s']:g} s time limit"
+      ok, error = False, f"TimeoutError: execution exceeded the {self.cfg['timeout_s']:g} s limit"
     elif state == "exited":
       ok, error = self.describe_exit(cell)
     if sid is None or state != "result":
@@ -634,6 +646,9 @@ class _Supervisor:
         if chunk == b"" and cell.res_r in watch:
           watch.remove(cell.res_r)
         cell.res_buf += chunk or b""
+        if len(cell.res_buf) > _MAX_REPORT and b"\n" not in cell.res_buf:
+          state, ok, error = "broken", False, "sandbox protocol error (oversized report)"
+          break
         if b"\n" in cell.res_buf:
           line, _, rest = bytes(cell.res_buf).partition(b"\n")
           cell.res_buf = bytearray(rest)
@@ -670,7 +685,8 @@ class _Supervisor:
     if sig == signal.SIGSEGV:
       return False, "crashed with SIGSEGV (segmentation fault, e.g. from unbounded recursion)"
     if sig:
-      return False, f"killed by signal {signal.Signals(sig).name if sig in signal.valid_signals() else sig}"
+      name = signal.Signals(sig).name if sig in signal.valid_signals() else sig
+      return False, f"killed by signal {name}"
     return False, f"process exited with status {code}"
 
   # -- main loop -----------------------------------------------------------------------------
@@ -682,6 +698,8 @@ class _Supervisor:
     self.feats.update(cell_feats)
     _send(1, {"op": "ready", "features": self.feats, "error": err})
     while True:
+      while self.dead and not select.select([0], [], [], 0.05)[0]:
+        self.reap()  # idle: finish off killed cells (and their scratch dirs) promptly
       try:
         req = _recv(0)
       except (OSError, ValueError):
@@ -774,7 +792,8 @@ def _cell_reaper(cfg: dict, feats: dict, cmd_r: int, out_w: int, res_w: int,
       _sys("unshare", _CLONE_NEWNS)
       size = f"size={int(cfg['scratch_mb'])}m,nr_inodes=16384"
       _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, size + ",mode=0700")
-      _try_mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, size + ",mode=1777")
+      _try_mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                 size + ",mode=1777")
       scratch = "/tmp"
     if uid is not None:
       os.chown(scratch, uid, uid)
@@ -1047,8 +1066,8 @@ def _print_exception(e: BaseException) -> str:
 # Worker entry point.
 
 
-def _worker_main(cfg_json: str) -> None:
-  cfg = json.loads(cfg_json)
+def _worker_main(cfg: dict) -> None:
+  """Supervisor entry point, run by `_BOOT` in a fresh `python -I` with a clean environment."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   for p in cfg["extra_paths"]:
     if p not in sys.path:
@@ -1088,13 +1107,24 @@ def _worker_main(cfg_json: str) -> None:
   _Supervisor(cfg, feats).serve()
 
 
+# The supervisor's first stdin message carries this module's source and the configuration (kept
+# off the command line, so out of `ps`).
 _BOOT = (
-  "import importlib.util, sys\n"
-  f"spec = importlib.util.spec_from_file_location({_WORKER_MODULE!r}, sys.argv[1])\n"
-  "mod = importlib.util.module_from_spec(spec)\n"
-  "sys.modules[spec.name] = mod\n"
-  "spec.loader.exec_module(mod)\n"
-  "mod._worker_main(sys.argv[2])\n"
+  "import json, os, struct, sys, types\n"
+  "def read(n):\n"
+  "  buf = b''\n"
+  "  while len(buf) < n:\n"
+  "    chunk = os.read(0, n - len(buf))\n"
+  "    if not chunk:\n"
+  "      sys.exit(0)\n"
+  "    buf += chunk\n"
+  "  return buf\n"
+  "msg = json.loads(read(struct.unpack('>I', read(4))[0]))\n"
+  f"mod = types.ModuleType({_WORKER_MODULE!r})\n"
+  "mod.__file__ = msg['path']\n"
+  "sys.modules[mod.__name__] = mod\n"
+  "exec(compile(msg['source'], msg['path'], 'exec'), mod.__dict__)\n"
+  "mod._worker_main(msg['cfg'])\n"
 )
 
 
@@ -1103,14 +1133,14 @@ _BOOT = (
 
 
 class _WorkerError(RuntimeError):
-  pass
+  """The supervisor died, hung or spoke garbage: the host replaces it."""
 
 
 class _Worker:
   """The host's handle on one supervisor process (one call at a time)."""
 
-  def __init__(self, argv: list[str], env: dict[str, str], debug: bool):
-    self.argv, self.env, self.debug = argv, env, debug
+  def __init__(self, argv: list[str], env: dict[str, str], cfg: dict, debug: bool):
+    self.argv, self.env, self.cfg, self.debug = argv, env, cfg, debug
     self.proc: subprocess.Popen | None = None
     self.features: dict | None = None
     self.busy = False
@@ -1123,6 +1153,11 @@ class _Worker:
       stderr=None if self.debug else subprocess.DEVNULL, env=self.env, cwd="/",
       start_new_session=True, close_fds=True)
     self.features = None
+    try:
+      boot = {"source": _SOURCE, "path": os.path.abspath(__file__), "cfg": self.cfg}
+      _send(self.proc.stdin.fileno(), boot, time.monotonic() + 10.0)
+    except (OSError, TimeoutError):
+      pass  # it died at once; ensure_ready reports that
 
   def ensure_ready(self) -> dict:
     if self.proc is None or self.proc.poll() is not None:
@@ -1234,16 +1269,15 @@ class PythonSandbox:
     self.timeout_s, self.cpu_s, self.memory_mb = float(timeout_s), int(cpu_s), int(memory_mb)
     self.max_output_chars, self.persistent = int(max_output_chars), bool(persistent)
     self.session_idle_s, self.max_sessions = float(session_idle_s), int(max_sessions)
-    here = os.path.abspath(__file__)
-    keep = [sys.prefix, sys.base_prefix, os.path.dirname(sys.executable)] + [p for p in sys.path if p]
+    keep = [sys.prefix, sys.base_prefix, os.path.dirname(sys.executable), *filter(None, sys.path)]
     cfg = dict(timeout_s=self.timeout_s, cpu_s=self.cpu_s, memory_mb=self.memory_mb,
                max_file_mb=int(max_file_mb), max_procs=int(max_procs),
                max_output_chars=self.max_output_chars, scratch_mb=int(scratch_mb),
                preimport=list(preimport), disable=list(disable), env=_clean_env(),
                extra_paths=[p for p in sys.path if "-packages" in p], keep_paths=keep,
                host_home=os.path.expanduser("~"))
-    argv = [sys.executable, "-I", "-B", "-c", _BOOT, here, json.dumps(cfg)]
-    self._workers = [_Worker(argv, _clean_env(), debug) for _ in range(int(workers))]
+    argv = [sys.executable, "-I", "-B", "-c", _BOOT]
+    self._workers = [_Worker(argv, _clean_env(), cfg, debug) for _ in range(int(workers))]
     for w in self._workers:
       w.start()  # warm up in the background while the caller does other work
     self._cv = threading.Condition()

@@ -1,4 +1,4 @@
-"""The tool seam: a tool maps the text of one `<tag>…</tag>` block to a `ToolResult` and never raises.
+"""The tool seam: a tool maps the text of one `<tag>…</tag>` block to a `ToolResult`, never raising.
 
 Tools are registered by tag name (`code`, `search`, `calculator`, ...) so the rollout loop, data
 generation and eval pick them from config strings. Tool output is truncated in the middle, because
@@ -29,7 +29,7 @@ class ToolResult:
 
 @runtime_checkable
 class Tool(Protocol):
-  """A callable tool; `session` lets stateful tools (the python sandbox) keep state per trajectory."""
+  """A callable tool; `session` lets a stateful tool (the python sandbox) keep per-trajectory state."""
 
   name: str
 
