@@ -109,21 +109,26 @@ def main():
       bound = bw / weight_bytes
       engine = JaxEngine(graphdef, params, cfg, tokenizer,
                          config=EngineConfig(new_token_buckets=(args.new_tokens,), chunk_steps=args.new_tokens))
-      server = None
+      results = {}
+      for b in batches:
+        reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)))
+        row = {"model": preset, "batch": b, "jax": time_engine(engine, reqs, args.new_tokens)}
+        if not args.no_torch:
+          for dt in args.torch_dtypes.split(","):
+            row[f"hf-{dt}"] = time_transformers(hf_dir, reqs, args.new_tokens, dt)
+        results[b] = row
+      # The server runs alone: its scheduler keeps a core busy, which would slow the others.
       url = args.sglang_url
+      server = None
       if args.start_sglang:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
         from sglang_server import running_server
         server = running_server(hf_dir)
         url = server.__enter__()
       try:
-        for b in batches:
-          reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)))
-          row = {"model": preset, "batch": b, "jax": time_engine(engine, reqs, args.new_tokens)}
-          if not args.no_torch:
-            for dt in args.torch_dtypes.split(","):
-              row[f"hf-{dt}"] = time_transformers(hf_dir, reqs, args.new_tokens, dt)
+        for b, row in results.items():
           if url:
+            reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)))
             row["sglang"] = time_sglang(url, tokenizer, reqs)
           row["b1_bound"] = bound if b == 1 else float("nan")
           rows.append(row)

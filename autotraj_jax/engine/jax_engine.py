@@ -73,9 +73,12 @@ def _sample(logits_BV, keys_B, temperature_B, top_p_B, top_k_B):
     thresh = jnp.maximum(kth, p_cut)
     return jnp.where(x >= thresh, x, -jnp.inf)
 
-  needs_filter = jnp.any((top_p_B < 1.0) | (top_k_B > 0))
-  scaled = jax.lax.cond(needs_filter, filtered, lambda x: x, scaled)
-  sampled = jax.vmap(jax.random.categorical)(keys_B, scaled)
+  def draw(x):
+    x = jax.lax.cond(jnp.any((top_p_B < 1.0) | (top_k_B > 0)), filtered, lambda y: y, x)
+    return jax.vmap(jax.random.categorical)(keys_B, x)
+
+  # All-greedy batches (eval, repair) skip the random draw entirely.
+  sampled = jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda x: greedy_tok, scaled)
   tok = jnp.where(temperature_B == 0.0, greedy_tok, sampled).astype(jnp.int32)
   return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
