@@ -63,7 +63,7 @@ def time_transformers(hf_dir, reqs, new_tokens, dtype):
   ids = torch.tensor([r.prompt_ids for r in reqs])
   kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
   with torch.no_grad():
-    model.generate(ids[:, :8], max_new_tokens=2, pad_token_id=0)
+    model.generate(ids, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)  # warm up
     t = time.perf_counter()
     out = model.generate(ids, **kw)
   dt = time.perf_counter() - t

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
-import jax
 
 from autotraj_jax.stages import Workdir, register_stage
 

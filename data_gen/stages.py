@@ -8,7 +8,6 @@ so a killed run loses at most the unit in flight and never duplicates a record.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import logging
@@ -152,9 +151,13 @@ def generate_stage(config, wd: Workdir) -> None:
     close_tools(tools)
 
 
+def _scoring_cfg(config) -> scoring.ScoringConfig:
+  return scoring.get_scoring_config(config.scoring.preset, **dict(config.scoring.get("overrides", {})))
+
+
 @register_stage("score")
 def score_stage(config, wd: Workdir) -> None:
-  cfg = scoring.get_scoring_config(config.scoring.preset, **dict(config.scoring.get("overrides", {})))
+  cfg = _scoring_cfg(config)
   groups: dict[str, list[Trajectory]] = collections.defaultdict(list)
   for t in iter_trajectories(wd.path("candidates.jsonl")):
     groups[t.question_id].append(t)
@@ -163,10 +166,6 @@ def score_stage(config, wd: Workdir) -> None:
     scoring.score_group(g, cfg)
     scored += g
   build.write_jsonl(wd.path("scored.jsonl"), scored)
-
-
-def _scoring_cfg(config):
-  return scoring.get_scoring_config(config.scoring.preset, **dict(config.scoring.get("overrides", {})))
 
 
 @register_stage("repair")

@@ -1,7 +1,6 @@
 """JSONL -> TFDS ArrayRecord -> random-access records, with caching and without TensorFlow."""
 
 import json
-import os
 import pathlib
 import sys
 

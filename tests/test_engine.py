@@ -7,7 +7,7 @@ import transformers
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.engine import EngineConfig, GenerationRequest, JaxEngine, SamplingParams
-from autotraj_jax.models import causal_mask, get_preset, init_model, merge
+from autotraj_jax.models import causal_mask, init_model, merge
 from autotraj_jax.models.hf import load_hf
 
 PROMPTS = ["<think> 12 + 7 =", "Question: who wrote", "<code>print(", "a"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from autotraj_jax.models import (CausalLM, ModelConfig, ScalarModel, causal_mask, gather_last,
+from autotraj_jax.models import (ScalarModel, causal_mask, gather_last,
                                  get_preset, init_cache, init_model, merge)
 
 

@@ -1,4 +1,3 @@
-import json
 import os
 
 import jax
@@ -10,10 +9,10 @@ import pytest
 from autotraj_jax import sharding as shd
 from autotraj_jax.checkpoint import Checkpointer, CheckpointError, load_model, save_model
 from autotraj_jax.metrics import read_metrics
-from autotraj_jax.models import get_preset, init_model, merge
+from autotraj_jax.models import get_preset, init_model
 from autotraj_jax.training import data as data_lib
 from autotraj_jax.training.losses import sft_loss, token_logprobs
-from autotraj_jax.training.optimizer import OptimizerConfig, make_optimizer
+from autotraj_jax.training.optimizer import OptimizerConfig
 from autotraj_jax.training.sft import make_sft_loss
 from autotraj_jax.training.step import init_state, make_train_step
 from autotraj_jax.training.trainer import TrainConfig, Trainer

@@ -16,7 +16,7 @@ import re
 from typing import Any, Callable, Sequence
 
 from autotraj_jax.taskworld.render import reference_tool_outputs, render_reference_trajectory
-from autotraj_jax.taskworld.task import CodeStep, Task
+from autotraj_jax.taskworld.task import Task
 from autotraj_jax.tir import prompts
 from autotraj_jax.tir.format import extract_answer
 from autotraj_jax.tir.trajectory import Segment, Trajectory
