@@ -24,9 +24,13 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   config = _CONFIG.value
+  import jax
   if config.get("distributed", False):
-    import jax
     jax.distributed.initialize()
+  cache = config.get("compilation_cache_dir", "")
+  if cache:  # reruns and later stages reuse compiled buckets instead of recompiling them
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from autotraj_jax import stages
   import data_gen.demo_stages  # noqa: F401  (registers the stages)
   import data_gen.stages  # noqa: F401

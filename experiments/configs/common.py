@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = ""
   c.seed = 0
+  c.compilation_cache_dir = "~/.cache/autotraj/xla"  # '' disables the persistent XLA cache
   c.stages = ("world", "tokenizer", "warmstart", "generate", "score", "repair", "datasets", "eval")
   c.backend = "jax"                      # 'jax' (in-process engine) or 'sglang'
   c.sglang = dict(url="", max_concurrency=32)
