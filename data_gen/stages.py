@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:12]
+  """Identifies the settings that shaped a record (the work directory excluded)."""
+  d = json.loads(config.to_json_best_effort(sort_keys=True))
+  d.pop("workdir", None)
+  return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def rollout_config(node: ml_collections.ConfigDict, seed: int) -> RolloutConfig:
