@@ -34,7 +34,11 @@ class Restored:
   meta: dict[str, Any]
   opt_state: Any = None
   rng: Any = None
-  data: Any = None
+
+
+def _on_first_device(tree: Any) -> Any:
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda _: sharding, tree)
 
 
 def _tree_to_abstract(tree: Any, shardings: Any) -> Any:
@@ -87,15 +91,13 @@ class Checkpointer:
     step = self._resolve(step)
     present = set(self._items(step))
     items = {"meta": ocp.args.JsonRestore()}
-    if param_shardings is None:
-      param_shardings = jax.tree.map(lambda _: shd.replicated(shd.make_mesh(shd.MeshConfig(fsdp=1), jax.devices()[:1])), params_like)
-    items["params"] = ocp.args.StandardRestore(_tree_to_abstract(params_like, param_shardings))
+    items["params"] = ocp.args.StandardRestore(
+        _tree_to_abstract(params_like, param_shardings or _on_first_device(params_like)))
     if opt_state_like is not None:
       if "opt_state" not in present:
         raise CheckpointError(f"checkpoint {self.directory}/{step} holds no optimizer state")
-      if opt_shardings is None:
-        opt_shardings = jax.tree.map(lambda _: shd.replicated(shd.make_mesh(shd.MeshConfig(fsdp=1), jax.devices()[:1])), opt_state_like)
-      items["opt_state"] = ocp.args.StandardRestore(_tree_to_abstract(opt_state_like, opt_shardings))
+      items["opt_state"] = ocp.args.StandardRestore(
+          _tree_to_abstract(opt_state_like, opt_shardings or _on_first_device(opt_state_like)))
     if rng and "rng" in present:
       items["rng"] = ocp.args.StandardRestore()
     if data_iter is not None:
@@ -111,8 +113,7 @@ class Checkpointer:
     if rng and "rng" in present:
       key = jax.random.wrap_key_data(out["rng"]["key"])
     return Restored(step=step, params=out["params"], meta=out["meta"],
-                    opt_state=out.get("opt_state"), rng=key,
-                    data=data_iter if data_iter is not None else None)
+                    opt_state=out.get("opt_state"), rng=key)
 
   def _items(self, step: int) -> list[str]:
     d = self.directory / str(step)

@@ -130,11 +130,8 @@ def _decode(record: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _file_digest(path: str) -> str:
-  h = hashlib.sha256()
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _clean(text: str) -> str:

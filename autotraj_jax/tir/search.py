@@ -97,11 +97,8 @@ def _default_cache_dir() -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _parse_line(raw: bytes, where: str) -> tuple[str, str]:

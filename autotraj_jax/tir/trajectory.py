@@ -157,8 +157,9 @@ def iter_trajectories(path: str | os.PathLike) -> Iterator[Trajectory]:
 
 
 class JsonlAppender:
-  """Append-only JSONL writer: one flushed line per record, so a kill loses at most the line
-  being written (which readers skip) and never a finished record."""
+  """Append-only JSONL writer: one flushed line per record, so a killed process loses at most
+  the line being written (which readers skip) and never a finished record. `close` also
+  fsyncs, for machine crashes."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
@@ -170,13 +171,14 @@ class JsonlAppender:
     line = record.to_json() if isinstance(record, Trajectory) else json.dumps(record, ensure_ascii=False)
     self._f.write(line + "\n")
     self._f.flush()
-    os.fsync(self._f.fileno())
 
   def write_all(self, records: Iterable[dict[str, Any] | Trajectory]) -> None:
     for r in records:
       self.write(r)
 
   def close(self) -> None:
+    self._f.flush()
+    os.fsync(self._f.fileno())
     self._f.close()
 
   def __enter__(self):
