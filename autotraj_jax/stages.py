@@ -1,7 +1,8 @@
 """Config-driven stages over one work directory.
 
 A stage is a function `(config, workdir) -> None` registered by name; `config.stages` lists the
-ones to run, in order. Each stage reads earlier stages' files from the work directory and marks
+ones to run, in order. `kind:variant` runs stage `kind` as `fn(config, workdir, variant)`, so one
+stage can run several times with different settings (`sft:high_only`, `eval:rl_autotraj`). Each stage reads earlier stages' files from the work directory and marks
 itself done when its outputs are complete, so rerunning a killed run continues where it stopped.
 Stages that take long (generation, repair, training) also resume inside themselves.
 """
@@ -64,7 +65,7 @@ class Workdir:
 def run_stages(config: ml_collections.ConfigDict) -> Workdir:
   if not config.get("workdir"):
     raise ValueError("config.workdir is not set: pass --config.workdir=DIR")
-  unknown = [s for s in config.stages if s not in STAGES]
+  unknown = [s for s in config.stages if s.split(":")[0] not in STAGES]
   if unknown:
     raise ValueError(f"unknown stages {unknown}; registered: {sorted(STAGES)}")
   wd = Workdir(config.workdir)
@@ -76,7 +77,11 @@ def run_stages(config: ml_collections.ConfigDict) -> Workdir:
       continue
     log.info("stage %s: running", name)
     t0 = time.time()
-    STAGES[name](config, wd)
+    kind, _, variant = name.partition(":")
+    if variant:
+      STAGES[kind](config, wd, variant)
+    else:
+      STAGES[kind](config, wd)
     info = {"wall_s": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     wd.mark_done(name, info)
     log.info("stage %s: done in %.1fs", name, info["wall_s"])

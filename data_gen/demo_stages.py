@@ -44,7 +44,8 @@ def warmstart_stage(config, wd: Workdir) -> None:
   from autotraj_jax import sharding as shd
   from autotraj_jax.models import get_preset, init_model
   from autotraj_jax.taskworld import read_corpus, read_split
-  from autotraj_jax.taskworld.demo_policy import FlawRates, warmstart_examples
+  from autotraj_jax.taskworld.demo_policy import FlawRates, copy_examples, warmstart_examples
+  from autotraj_jax.tokenizer import CHAT_TOKENS, TIR_TAGS
   from autotraj_jax.tir.tools import make_tool
   from autotraj_jax.tokenizer import load_tokenizer
   from autotraj_jax.training.optimizer import OptimizerConfig
@@ -63,6 +64,11 @@ def warmstart_stage(config, wd: Workdir) -> None:
         repair_fraction=node.repair_fraction, run_code=lambda src: code(src).output)
   finally:
     getattr(code, "close", lambda: None)()
+  if node.copy_fraction > 0:
+    n = round(len(examples) * node.copy_fraction / (1 - node.copy_fraction))
+    examples += copy_examples(n, low=len(CHAT_TOKENS + TIR_TAGS), high=len(tokenizer), seed=config.seed,
+                              lengths=tuple(node.copy_lengths), sep=tokenizer.encode("\n")[0])
+    counts["copy"] = n
   with open(wd.path("policy", "warmstart_data.json"), "w") as f:
     json.dump(counts, f, indent=2)
   log.info("warmstart examples: %s", counts)

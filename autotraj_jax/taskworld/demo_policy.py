@@ -6,6 +6,11 @@ the reasoning, identical repeated tool calls, a failing first call, verbose repe
 broken tags, and answering without the tool (and getting it wrong). The same model is also the
 demo repairer: it is trained on repair demonstrations (question + flawed trajectory + the
 scorers' diagnosis -> the clean trajectory), so stage 1 runs with one small checkpoint.
+
+Solving a task means copying numbers and names from the question and the tool results. A model
+trained from scratch on trajectories alone takes thousands of steps to form the attention heads
+that copy (induction heads); mixing in sequences of random tokens written twice forms them in a
+few hundred steps (`copy_examples`).
 """
 
 from __future__ import annotations
@@ -120,6 +125,17 @@ def to_trajectory(tokenizer, task: Task, prompt_ids: list[int], text: str, *, so
                  finish_reason="answer", provenance={"source": source})
   t.answer = extract_answer(t.text)
   return t
+
+
+def copy_examples(n: int, *, low: int, high: int, lengths: tuple[int, int], seed: int,
+                  sep: int) -> list[dict[str, list[int]]]:
+  """`n` examples `x sep x` of random token ids in [low, high), loss on the second copy only."""
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    x = [rng.randrange(low, high) for _ in range(rng.randint(*lengths))]
+    out.append({"tokens": x + [sep] + x, "loss_mask": [0] * (len(x) + 1) + [1] * len(x)})
+  return out
 
 
 def warmstart_examples(tokenizer, tasks: Sequence[Task], corpus: Any, *, rates: FlawRates, seed: int,
