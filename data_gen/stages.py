@@ -55,9 +55,27 @@ def load_tokenizer_for(config, wd: Workdir):
   return load_tokenizer(path)
 
 
-def make_backend(config, wd: Workdir, role: str = "policy"):
+def model_checkpoints(wd: Workdir, name: str) -> str:
+  """Checkpoint directory of a model trained in this workdir ('policy', 'sft_autotraj', 'rl_...')."""
+  return os.path.join(wd.root, name, "checkpoints")
+
+
+def make_engine(config, checkpoint_dir: str, tokenizer, mesh=None):
+  """The in-process JAX engine on a model checkpoint, with the config's buckets."""
+  from autotraj_jax import checkpoint
+  from autotraj_jax.engine import EngineConfig, JaxEngine
+  from autotraj_jax.models import abstract_model
+  cfg, kind, params = checkpoint.load_model(checkpoint_dir, mesh=mesh)
+  graphdef, _ = abstract_model(cfg, kind)
+  eng = config.engine
+  return JaxEngine(graphdef, params, cfg, tokenizer, mesh=mesh, config=EngineConfig(
+      batch_buckets=tuple(eng.batch_buckets), prompt_buckets=tuple(eng.prompt_buckets),
+      new_token_buckets=tuple(eng.new_token_buckets), chunk_steps=eng.chunk_steps, seed=config.seed))
+
+
+def make_backend(config, wd: Workdir, role: str = "policy", model: str | None = None):
   """The LLMBackend for `role` ('policy' or 'repairer'): the in-process engine on a local
-  checkpoint, or an SGLang server."""
+  checkpoint (`model`: a model trained in this workdir, by name), or an SGLang server."""
   tokenizer = load_tokenizer_for(config, wd)
   node = config.get(role, config.policy)
   if config.backend == "sglang":
@@ -66,19 +84,13 @@ def make_backend(config, wd: Workdir, role: str = "policy"):
     return tokenizer, SGLangBackend(url, tokenizer, max_concurrency=config.sglang.max_concurrency)
   if config.backend != "jax":
     raise ValueError(f"config.backend must be 'jax' or 'sglang', got {config.backend!r}")
-  from autotraj_jax import checkpoint
-  from autotraj_jax.engine import EngineConfig, JaxEngine
-  from autotraj_jax.models import abstract_model
-  ckpt = node.get("checkpoint") or os.path.join(wd.root, role, "checkpoints")
-  if not os.path.isdir(ckpt):  # the demo policy doubles as the repairer
-    ckpt = os.path.join(wd.root, "policy", "checkpoints")
-  cfg, kind, params = checkpoint.load_model(ckpt)
-  graphdef, _ = abstract_model(cfg, kind)
-  eng = config.engine
-  engine = JaxEngine(graphdef, params, cfg, tokenizer, config=EngineConfig(
-      batch_buckets=tuple(eng.batch_buckets), prompt_buckets=tuple(eng.prompt_buckets),
-      new_token_buckets=tuple(eng.new_token_buckets), chunk_steps=eng.chunk_steps, seed=config.seed))
-  return tokenizer, engine
+  if model is not None:
+    ckpt = model_checkpoints(wd, model)
+  else:
+    ckpt = node.get("checkpoint") or model_checkpoints(wd, role)
+    if not os.path.isdir(ckpt):  # the demo policy doubles as the repairer
+      ckpt = model_checkpoints(wd, "policy")
+  return tokenizer, make_engine(config, ckpt, tokenizer)
 
 
 def make_tools(config, wd: Workdir) -> dict[str, Any]:
@@ -228,11 +240,15 @@ def datasets_stage(config, wd: Workdir) -> None:
 
 
 @register_stage("eval")
-def eval_stage(config, wd: Workdir) -> None:
+def eval_stage(config, wd: Workdir, variant: str = "") -> None:
+  """Greedy evaluation of the policy; `eval:NAME` evaluates the model trained as NAME in this
+  workdir (`eval:base` is the starting policy) and writes `eval/NAME.json`."""
   from autotraj_jax.eval import EvalConfig, evaluate, write_report
   node = config.eval
   queries = load_split(config, wd, node.split, node.max_questions)
-  tokenizer, backend = make_backend(config, wd, "policy")
+  name = variant or node.name
+  model = None if not variant or variant == "base" or config.backend == "sglang" else variant
+  tokenizer, backend = make_backend(config, wd, "policy", model=model)
   tools = make_tools(config, wd)
   try:
     metrics, trajs = evaluate(backend, tokenizer, tools, queries,
@@ -240,5 +256,5 @@ def eval_stage(config, wd: Workdir) -> None:
                                          seed=config.seed), progress=True)
   finally:
     close_tools(tools)
-  write_report(wd.path("eval"), node.name, metrics, trajs)
-  log.info("eval %s: %s", node.name, json.dumps(metrics))
+  write_report(wd.path("eval"), name, metrics, trajs)
+  log.info("eval %s: %s", name, json.dumps(metrics))

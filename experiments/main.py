@@ -34,6 +34,8 @@ def main(argv):
   from autotraj_jax import stages
   import data_gen.demo_stages  # noqa: F401  (registers the stages)
   import data_gen.stages  # noqa: F401
+  import autotraj_jax.training.sft_stage  # noqa: F401
+  import autotraj_jax.training.rl_stage  # noqa: F401
   wd = stages.run_stages(config)
   for name, info in wd.stage_info().items():
     logging.info("%-12s %8.1fs", name, info["wall_s"])

@@ -9,10 +9,13 @@ The iterator's position is saved in checkpoints, which is what makes resume exac
 from __future__ import annotations
 
 import bisect
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
+
+# (examples, buckets, pad_id) -> batch arrays, batch-major ([B, ...]).
+CollateFn = Callable[[Sequence[dict[str, Any]], Sequence[int], int], dict[str, np.ndarray]]
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
@@ -35,6 +38,14 @@ def collate(examples: Sequence[dict[str, Any]], buckets: Sequence[int], pad_id: 
   return out
 
 
+def example_length(example: dict[str, Any]) -> int:
+  """Tokens of an example: one sequence, or the longest of a group (a preference pair)."""
+  tokens = example["tokens"]
+  if len(tokens) and isinstance(tokens[0], (list, tuple, np.ndarray)):
+    return max(len(t) for t in tokens)
+  return len(tokens)
+
+
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
                            window: int = 32) -> list[list[int]]:
   """Index batches of similar lengths: shuffle, sort inside windows of `window` batches, cut.
@@ -53,33 +64,35 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
 
 def batch_dataset(source: Any, *, batch_size: int, buckets: Sequence[int], seed: int,
                   pad_id: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                  group_by_length: bool = False, shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+                  group_by_length: bool = False, shard: tuple[int, int] = (0, 1),
+                  collate_fn: CollateFn = collate) -> grain.IterDataset:
   """Shuffled (per epoch), repeated, bucketed batches as a checkpointable IterDataset.
 
   `shard=(index, count)` keeps every count-th record (or batch, when grouped by length) starting
-  at index: each host of a multi-host run reads only its slice of the data.
+  at index: each host of a multi-host run reads only its slice of the data. `collate_fn` turns a
+  list of examples into arrays (e.g. [B, 2, L] preference pairs instead of [B, L] sequences).
   """
   index, count = shard
   if len(source) < batch_size:
     raise ValueError(f"dataset has {len(source)} examples, fewer than one batch of {batch_size}")
   if group_by_length:
-    lengths = [len(source[i]["tokens"]) for i in range(len(source))]
+    lengths = [example_length(source[i]) for i in range(len(source))]
     ds = grain.MapDataset.source(length_grouped_batches(lengths, batch_size, seed))[index::count].seed(seed)
     if shuffle:
       ds = ds.shuffle()
-    ds = ds.repeat(num_epochs).map(lambda idx: collate([source[i] for i in idx], buckets, pad_id))
+    ds = ds.repeat(num_epochs).map(lambda idx: collate_fn([source[i] for i in idx], buckets, pad_id))
     return ds.to_iter_dataset()
   ds = grain.MapDataset.source(source)[index::count].seed(seed)
   if shuffle:
     ds = ds.shuffle()
   ds = ds.repeat(num_epochs)
   ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=lambda xs: collate(xs, buckets, pad_id))
+                batch_fn=lambda xs: collate_fn(xs, buckets, pad_id))
   return ds.to_iter_dataset()
 
 
 def split_micro(batch: dict[str, np.ndarray], num_micro: int) -> dict[str, np.ndarray]:
-  """[B, L] -> [num_micro, B / num_micro, L] for gradient accumulation."""
+  """[B, ...] -> [num_micro, B / num_micro, ...] for gradient accumulation (any trailing axes)."""
   def one(x):
     if x.shape[0] % num_micro:
       raise ValueError(f"batch of {x.shape[0]} does not split into {num_micro} micro-batches")

@@ -52,14 +52,17 @@ class TrainConfig:
 class Trainer:
   """Runs `loss_fn` over a data source for `cfg.steps` optimizer steps under `workdir`.
 
-  Rerunning with the same workdir resumes from the newest checkpoint.
+  Rerunning with the same workdir resumes from the newest checkpoint. `collate_fn` builds the
+  batch arrays from examples (default: [B, L] token sequences); every array is batch-major, split
+  over the data axes on its first axis and replicated along the others.
   """
 
   def __init__(self, cfg: TrainConfig, *, loss_fn: LossFn, params: Any, mesh: Mesh,
                workdir: str | os.PathLike, meta: dict[str, Any] | None = None,
                eval_fn: Callable[[Any, int], dict[str, float]] | None = None, eval_every: int = 0,
-               progress: bool = True):
+               progress: bool = True, collate_fn: data_lib.CollateFn = data_lib.collate):
     self.cfg, self.mesh, self.workdir = cfg, mesh, str(workdir)
+    self.collate_fn = collate_fn
     self.meta = dict(meta or {})
     self.eval_fn, self.eval_every, self.progress = eval_fn, eval_every, progress
     self.optimizer = make_optimizer(cfg.optimizer)
@@ -71,7 +74,8 @@ class Trainer:
     rep = shd.replicated(mesh)
     self.state_shardings = TrainState(rep, param_sh, shd.state_shardings(opt_like, params, mesh), rep)
     self._init_params = params
-    self._batch_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES, None))
+    # [accum, B, ...]: the batch axis split over the data axes, trailing axes (any number) replicated.
+    self._batch_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
     step_fn = make_train_step(loss_fn, self.optimizer, self.schedule)
 
     def counted(state, batch):
@@ -117,7 +121,8 @@ class Trainer:
     local_batch = cfg.batch_size // jax.process_count()
     ds = data_lib.batch_dataset(source, batch_size=local_batch, buckets=cfg.buckets,
                                 seed=cfg.seed, pad_id=cfg.pad_id, group_by_length=cfg.group_by_length,
-                                shard=(jax.process_index(), jax.process_count()))
+                                shard=(jax.process_index(), jax.process_count()),
+                                collate_fn=self.collate_fn)
     data_iter = iter(ds)
     if self.ckpt.latest_step() is not None:
       state = self._restore(data_iter)

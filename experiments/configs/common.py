@@ -40,4 +40,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.repair = dict(attempts=2, show_gold=False, accept_threshold=0.86, accept_threshold_wrong=0.8,
                   retry_temperature=0.7, chunk=64, max_originals=0, **rollout(temperature=0.0))
   c.eval = dict(name="base", split="test", max_questions=200, maj_k=1, **rollout(temperature=0.0))
+  # Stage 2. `sft:NAME` / `rl:NAME` apply `sft_variants[NAME]` / `rl_variants[NAME]` on top.
+  c.sft = dict(init="policy", data="autotraj", mask_tool_results=True, steps=60, batch_size=16, micro_batch_size=0,
+               buckets=(256, 384, 512, 1024), learning_rate=3e-4, warmup_steps=5, log_every=5,
+               checkpoint_every=30, eval_fraction=0.1, eval_every=0, eval_questions=32,
+               lora=dict(rank=0, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+  c.sft_variants = dict(high_only=dict(data="high_only"), autotraj=dict(data="autotraj"))
+  # The Bradley-Terry trajectory reward model on pairs.jsonl (fields: autotraj_jax/training/rm_stage.py).
+  c.rm = dict(init="sft_autotraj", steps=60, batch_size=8, micro_batch_size=0, learning_rate=5e-4,
+              warmup_steps=6, buckets=(256, 512, 1024), margin_low=0.0, margin_wrong=0.0, center_coef=0.01,
+              eval_fraction=0.1, eval_every=20, max_score_samples=200, log_every=10, checkpoint_every=30)
+  c.rl = dict(algo="grpo", init="sft_autotraj", rm="rm", split="train", max_questions=0, steps=20,
+              prompts_per_step=8, samples_per_prompt=4, minibatches=2, micro_batch_size=0,
+              buckets=(1024,), learning_rate=1e-5, warmup_steps=0, grad_clip=1.0,
+              critic_learning_rate=5e-5, critic_warmup=2, checkpoint_every=5,
+              clip_low=0.2, clip_high=0.28, agg="token-mean", scale_adv_by_std=True, filter_uniform_groups=False,
+              kl_coef=0.0, kl_kind="k3", kl_in_reward=False, entropy_coef=0.0,
+              gamma=1.0, lam=0.95, value_clip=0.2, whiten_advantages=True,
+              rewards=dict(combination="weighted", weights={"outcome": 1.0, "format": 0.5}, rm_norm="batch",
+                           rm_clip=3.0, outcome_metric="equiv", format_penalty=-1.0, max_rm_failures=5),
+              **rollout(temperature=1.0))
+  c.rl_variants = dict(
+      outcome_format=dict(),
+      autotraj=dict(rewards=dict(combination="weighted", weights={"outcome": 1.0, "format": 0.5, "rm": 0.2},
+                                 rm_norm="batch", rm_clip=3.0, outcome_metric="equiv", format_penalty=-1.0,
+                                 max_rm_failures=5)),
+      ppo=dict(algo="ppo"))
+  # The `results` stage: one table row per (label, eval name), RL training curves per variant.
+  c.results = dict(rows=(("base policy", "base"), ("SFT high-quality only", "sft_high_only"),
+                         ("AutoTraj SFT (high + repaired)", "sft_autotraj"),
+                         ("RL outcome + format", "rl_outcome_format"),
+                         ("AutoTraj RL (outcome + format + RM)", "rl_autotraj")),
+                   curves=("outcome_format", "autotraj"))
   return c

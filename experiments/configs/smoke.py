@@ -24,5 +24,7 @@ def get_config():
                     max_response_tokens=64)
   c.repair.update(attempts=1, chunk=8, max_tokens_per_turn=32, max_response_tokens=64)
   c.eval.update(max_questions=8, max_tokens_per_turn=32, max_response_tokens=64)
+  c.rm.update(steps=3, batch_size=8, warmup_steps=1, buckets=(256, 512), eval_every=0, log_every=1,
+              checkpoint_every=2, max_score_samples=16)
   c.engine.update(batch_buckets=(8, 16), prompt_buckets=(256, 512, 1024), new_token_buckets=(32,))
   return c
