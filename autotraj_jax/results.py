@@ -10,7 +10,8 @@ of any pipeline, also one where some variants were never trained:
 
 It writes `results.json` (the rows), `results.md` (the table, the reward model's pair accuracy,
 the plots and the stage wall times) and PNG plots in `plots/`. A plot whose logs are absent is
-skipped and the reason is written to `results.md`. `experiments/grid.py` aggregates the
+skipped and the reason is written to `results.md`. Like every stage it is marked done; delete
+`.done/results` to rebuild the table after adding evaluations. `experiments/grid.py` aggregates the
 `results.json` of several runs (seeds, overrides).
 """
 
@@ -201,7 +202,8 @@ def make_plots(root: str, curves: Sequence[str], out_dir: str) -> dict[str, str]
   return notes
 
 
-def table_rows(rows: Sequence[Mapping[str, Any]], cell: Callable[[Mapping[str, Any], str], str]) -> list[dict[str, str]]:
+def table_rows(rows: Sequence[Mapping[str, Any]],
+               cell: Callable[[Mapping[str, Any], str], str]) -> list[dict[str, str]]:
   """Rows for `markdown_table`: the main columns, plus maj@k when some row has it."""
   extra = sorted({k for r in rows for k in r if k.startswith("maj@")})
   cols = [(k, h) for k, h, _ in COLUMNS[:4]] + [(k, k) for k in extra] + [(k, h) for k, h, _ in COLUMNS[4:]]
@@ -214,7 +216,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], rm: Mapping[str, Any] | N
 
   def cell(r: Mapping[str, Any], k: str) -> str:
     if r.get("missing"):
-      return "missing"
+      return "missing" if k == "accuracy" else "-"
     return formatter(k)(r[k]) if _is_number(r.get(k)) else "-"
 
   lines = ["# Results", "", "Greedy pass@1 on the held-out test questions (`eval/<name>.json`).", "",
@@ -224,10 +226,16 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], rm: Mapping[str, Any] | N
     lines += [f"Not evaluated in this run: {', '.join(missing)}.", ""]
   if rm is not None:
     lines += ["## Reward model", ""]
-    acc = rm.get("pair_accuracy")
+    acc, margin = rm.get("pair_accuracy"), rm.get("pair_margin")
+    if not rm.get("trained", True):
+      lines.append(f"Not trained: {rm.get('reason', 'no reason given')}.")
     lines.append(f"Pair accuracy (preferred trajectory scored higher): "
                  f"{_pct(acc) if _is_number(acc) else '-'} on {rm.get('pairs', '?')} held-out pairs"
-                 + ("" if rm.get("trained", True) else " (untrained reward model)") + ".")
+                 + (f", mean margin {margin:.3f}" if _is_number(margin) else "") + ".")
+    by_failure = rm.get("pair_accuracy_by_failure") or {}
+    if by_failure:
+      lines.append("By failure type of the rejected trajectory: "
+                   + ", ".join(f"{t or 'none'} {_pct(v)}" for t, v in by_failure.items() if _is_number(v)) + ".")
     scores = rm.get("scores") or {}
     if scores:
       lines += ["", "| quality | mean score | std | n |", "|---|---|---|---|"]

@@ -36,6 +36,8 @@ def main(argv):
   import data_gen.stages  # noqa: F401
   import autotraj_jax.training.sft_stage  # noqa: F401
   import autotraj_jax.training.rl_stage  # noqa: F401
+  import autotraj_jax.training.rm_stage  # noqa: F401
+  import autotraj_jax.results  # noqa: F401
   wd = stages.run_stages(config)
   for name, info in wd.stage_info().items():
     logging.info("%-12s %8.1fs", name, info["wall_s"])

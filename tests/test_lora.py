@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,12 +27,18 @@ Q = ("model", "layers", 0, "self_attn", "q_proj", "kernel")
 O = ("model", "layers", 1, "self_attn", "o_proj", "kernel")
 
 
+@pytest.fixture(scope="module")
+def tiny():
+  return init_model(CFG, seed=0)
+
+
 def _get(tree, keys):
   for k in keys:
     tree = tree[k]
   return tree
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef, params, tokens):
   B, L = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(L), (B, L))
@@ -47,8 +55,8 @@ def _randomize_b(lora, seed=1):
   return jax.tree_util.tree_map_with_path(one, lora)
 
 
-def test_adapter_shapes_follow_the_projection_contraction():
-  graphdef, params = init_model(CFG, seed=0)
+def test_adapter_shapes_follow_the_projection_contraction(tiny):
+  graphdef, params = tiny
   lora = lora_lib.init_lora(params, LCFG, seed=0)
   attn, mlp = lora["model"]["layers"][0]["self_attn"], lora["model"]["layers"][0]["mlp"]
   D, N, K, H, F = CFG.hidden_size, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim, CFG.intermediate_size
@@ -74,8 +82,8 @@ def test_adapter_shapes_follow_the_projection_contraction():
   assert lora_lib.merge_lora(params, {}, LoraConfig()) is params
 
 
-def test_init_leaves_the_model_unchanged():
-  graphdef, params = init_model(CFG, seed=0)
+def test_init_leaves_the_model_unchanged(tiny):
+  graphdef, params = tiny
   lora = lora_lib.init_lora(params, LCFG, seed=0)
   merged = jax.jit(lambda b, l: lora_lib.merge_lora(b, l, LCFG))(params, lora)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
@@ -84,8 +92,8 @@ def test_init_leaves_the_model_unchanged():
   np.testing.assert_array_equal(_logits(graphdef, merged, tokens), _logits(graphdef, params, tokens))
 
 
-def test_merge_is_the_low_rank_update_of_each_projection():
-  _, params = init_model(CFG, seed=0)
+def test_merge_is_the_low_rank_update_of_each_projection(tiny):
+  _, params = tiny
   lora = _randomize_b(lora_lib.init_lora(params, LCFG, seed=0))
   merged = lora_lib.merge_lora(params, lora, LCFG)
   for keys, n_in in ((Q, 1), (O, 2)):
@@ -103,9 +111,9 @@ def test_merge_is_the_low_rank_update_of_each_projection():
   assert merged["model"]["embed_tokens"] is params["model"]["embed_tokens"]
 
 
-def test_sharded_lora_training_updates_only_adapters():
+def test_sharded_lora_training_updates_only_adapters(tiny):
   mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1))
-  graphdef, params = init_model(CFG, seed=0)
+  graphdef, params = tiny
   trainable = {"base": params, "lora": lora_lib.init_lora(params, LCFG, seed=0)}
   opt = lora_lib.lora_optimizer(make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=10)))
   loss_fn = lora_lib.make_lora_loss(make_sft_loss(graphdef), LCFG)
@@ -145,8 +153,8 @@ def test_sharded_lora_training_updates_only_adapters():
   assert len(_get(state.params["base"], Q).sharding.device_set) == 8
 
 
-def test_exported_merged_checkpoint_is_a_plain_model(tmp_path):
-  graphdef, params = init_model(CFG, seed=0)
+def test_exported_merged_checkpoint_is_a_plain_model(tiny, tmp_path):
+  graphdef, params = tiny
   lora = _randomize_b(lora_lib.init_lora(params, LCFG, seed=0))
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, CFG.vocab_size)
   want = jax.jit(lambda p, t: _logits(graphdef, lora_lib.merge_lora(p["base"], p["lora"], LCFG), t))(
@@ -176,7 +184,7 @@ def test_reward_model_trains_its_head_in_full():
     return jnp.sum(values[:, -1]), jnp.float32(B), {}
 
   loss = lora_lib.make_lora_loss(score_loss, cfg)
-  grads = jax.grad(lambda t: loss(t, tokens, jax.random.key(0))[0])({"base": params, "lora": lora})
+  grads = jax.jit(jax.grad(lambda t: loss(t, tokens, jax.random.key(0))[0]))({"base": params, "lora": lora})
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["base"]))
   # The zero-initialised head is what gets a gradient first (LoRA alone would be stuck at 0).
   assert float(jnp.abs(grads["lora"]["score"]).max()) > 0

@@ -68,7 +68,8 @@ def synthetic_wd(tmp_path):
     _log(os.path.join(wd.root, f"sft_{v}", "logs"),
          [(s, {"loss": 3.0 / s}) for s in range(1, 5)] + [(4, {"eval/loss": 1.0, "eval/accuracy": 0.3})])
   with open(wd.path("rm", "eval.json"), "w") as f:
-    json.dump({"trained": True, "pair_accuracy": 0.8, "pairs": 40,
+    json.dump({"trained": True, "pair_accuracy": 0.8, "pair_margin": 0.25, "pairs": 40,
+               "pair_accuracy_by_failure": {"hedge": 0.75, "wrong": 1.0},
                "scores": {q: {"mean": m, "std": 0.1, "n": 10} for q, m in (("high", 0.9), ("low", 0.4),
                                                                             ("wrong", 0.1))}}, f)
   with open(wd.path("rm", "score_samples.json"), "w") as f:
@@ -95,9 +96,11 @@ def test_results_stage_writes_table_json_and_plots(synthetic_wd):
   assert [line.split(" | ")[0][2:] for line in table[1:6]] == [label for label, _ in ROWS]
   assert "| base policy | 20.0% | 5.0% | 1.50 | 120.0 |" in md
   assert "maj@4" in md and "50.0%" in md
-  assert "80.0% on 40 held-out pairs" in md and "| high | 0.900 |" in md
+  assert "80.0% on 40 held-out pairs, mean margin 0.250." in md and "| high | 0.900 |" in md
+  assert "hedge 75.0%, wrong 100.0%" in md
   times = md[md.index("## Stage wall times"):]
-  assert times.index("| world | 1.0s |") < times.index("| eval:base | 12.5s |") < times.index("| rl:autotraj | 62m 03.0s |")
+  order = [times.index(s) for s in ("| world | 1.0s |", "| eval:base | 12.5s |", "| rl:autotraj | 62m 03.0s |")]
+  assert order == sorted(order)  # pipeline order, not alphabetical
   assert "| total | 62m 16.5s |" in times
   for name in ("rl_reward.png", "rl_accuracy.png", "sft_loss.png", "rm_scores.png"):
     path = wd.path("plots", name)
@@ -123,6 +126,16 @@ def test_results_stage_tolerates_missing_evals_and_logs(tmp_path, caplog):
   for name in ("rl_reward.png", "rl_accuracy.png", "sft_loss.png", "rm_scores.png"):
     assert f"`{name}`: skipped" in md and not os.path.exists(wd.path("plots", name))
   assert "Reward model" not in md
+
+
+def test_untrained_reward_model_is_reported(tmp_path):
+  wd = Workdir(str(tmp_path / "run"))
+  os.makedirs(os.path.join(wd.root, "rm"))
+  with open(os.path.join(wd.root, "rm", "eval.json"), "w") as f:
+    json.dump({"trained": False, "reason": "3 training pairs", "pairs": 1}, f)
+  results_stage(_config(), wd)
+  md = open(wd.path("results.md")).read()
+  assert "Not trained: 3 training pairs." in md and "Pair accuracy (preferred trajectory scored higher): - on 1" in md
 
 
 def test_load_rows_marks_unreadable_file_missing(tmp_path):

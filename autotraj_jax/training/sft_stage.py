@@ -132,6 +132,7 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
   if lora_rank:
     from autotraj_jax.training import lora as lora_lib
     lcfg = lora_lib.LoraConfig(rank=lora_rank, alpha=float(lora.alpha), targets=tuple(lora.targets))
+    log.info("sft:%s: LoRA rank %d on %s", variant, lora_rank, lcfg.targets)
     params = {"base": params, "lora": lora_lib.init_lora(params, lcfg, config.seed)}
     loss_fn = lora_lib.make_lora_loss(loss_fn, lcfg)
 
@@ -166,7 +167,8 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
           "mask_tool_results": bool(node.mask_tool_results), "lora_rank": lora_rank}
   trainer_dir = os.path.join(out_dir, "train") if lora_rank else out_dir
   trainer = Trainer(cfg, loss_fn=loss_fn, params=params, mesh=mesh, workdir=trainer_dir, meta=meta,
-                    eval_fn=eval_fn, eval_every=node.eval_every or node.steps)
+                    eval_fn=eval_fn, eval_every=node.eval_every or node.steps,
+                    optimizer_wrapper=lora_lib.lora_optimizer if lora_rank else None)
   try:
     state = trainer.run(examples)
   finally:

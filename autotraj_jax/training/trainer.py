@@ -60,12 +60,15 @@ class Trainer:
   def __init__(self, cfg: TrainConfig, *, loss_fn: LossFn, params: Any, mesh: Mesh,
                workdir: str | os.PathLike, meta: dict[str, Any] | None = None,
                eval_fn: Callable[[Any, int], dict[str, float]] | None = None, eval_every: int = 0,
-               progress: bool = True, collate_fn: data_lib.CollateFn = data_lib.collate):
+               progress: bool = True, collate_fn: data_lib.CollateFn = data_lib.collate,
+               optimizer_wrapper: Callable[[Any], Any] | None = None):
     self.cfg, self.mesh, self.workdir = cfg, mesh, str(workdir)
     self.collate_fn = collate_fn
     self.meta = dict(meta or {})
     self.eval_fn, self.eval_every, self.progress = eval_fn, eval_every, progress
     self.optimizer = make_optimizer(cfg.optimizer)
+    if optimizer_wrapper is not None:  # e.g. LoRA: update only the adapters, no state for the base
+      self.optimizer = optimizer_wrapper(self.optimizer)
     self.schedule = make_schedule(cfg.optimizer)
     self.num_compiles = 0
 

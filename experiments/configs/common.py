@@ -1,6 +1,14 @@
 """Shared defaults of the stage-1 configs; each config file edits what it needs."""
 
+import os
+
 import ml_collections
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO_POLICY = os.path.join(ROOT, "assets", "demo_policy")
+STAGE1 = ("world", "tokenizer", "warmstart", "generate", "score", "repair", "datasets")
+STAGE2 = ("eval:base", "sft:high_only", "eval:sft_high_only", "sft:autotraj", "eval:sft_autotraj", "rm",
+          "rl:outcome_format", "eval:rl_outcome_format", "rl:autotraj", "eval:rl_autotraj", "results")
 
 
 def rollout(**kw) -> dict:
@@ -15,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.workdir = ""
   c.seed = 0
   c.compilation_cache_dir = "~/.cache/autotraj/xla"  # '' disables the persistent XLA cache
-  c.stages = ("world", "tokenizer", "warmstart", "generate", "score", "repair", "datasets", "eval")
+  c.stages = STAGE1 + ("eval",)
   c.backend = "jax"                      # 'jax' (in-process engine) or 'sglang'
   c.sglang = dict(url="", max_concurrency=32)
   c.data = dict(train_file="", validation_file="", test_file="")  # default: the generated world
@@ -23,9 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
                  difficulty=(1, 2), num_entities=1200)
   c.tokenizer = dict(vocab_size=2048, num_tasks=1500)
   c.model = dict(preset="demo", tokenizer_dir="")
-  c.warmstart = dict(num_tasks=2000, steps=200, batch_size=16, micro_batch_size=0, buckets=(256, 384, 512, 1024),
+  # asset: a shipped warm-started policy to import ('' trains one here; see data_gen/demo_stages.py)
+  c.warmstart = dict(asset=DEMO_POLICY, num_tasks=2000, steps=200, batch_size=16, micro_batch_size=0, buckets=(256, 384, 512, 1024),
                      learning_rate=2e-3, warmup_steps=30, log_every=10, checkpoint_every=100,
-                     repair_fraction=0.2, copy_fraction=0.3, copy_lengths=(16, 64),
+                     repair_fraction=0.2, copy_steps=250, copy_lengths=(16, 64),
                      flaws=dict(hedge=0.12, repeat_call=0.08, failed_call=0.08, verbose=0.08,
                                 broken_tags=0.04, guess=0.25))
   c.policy = dict(name="demo-policy", checkpoint="", sglang_url="")
