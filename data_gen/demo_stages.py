@@ -105,13 +105,13 @@ def warmstart_stage(config, wd: Workdir) -> None:
   meta = {"model_config": model_cfg.to_dict(), "model_kind": "causal_lm"}
   pad_id = tokenizer.pad_token_id or 0
 
-  def train(steps: int, buckets, data, out: str, params):
+  def train(steps: int, buckets, data, out: str, params, end_lr_ratio: float = 0.1):
     cfg = TrainConfig(steps=steps, batch_size=node.batch_size, micro_batch_size=node.micro_batch_size,
                       buckets=tuple(buckets), seed=config.seed, log_every=node.log_every,
                       checkpoint_every=node.checkpoint_every, keep_checkpoints=1, pad_id=pad_id,
                       group_by_length=True,
                       optimizer=OptimizerConfig(learning_rate=node.learning_rate, warmup_steps=node.warmup_steps,
-                                                total_steps=steps, end_lr_ratio=0.1, weight_decay=0.01))
+                                                total_steps=steps, end_lr_ratio=end_lr_ratio, weight_decay=0.01))
     trainer = Trainer(cfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=mesh, workdir=out, meta=meta)
     try:
       return trainer.run(data).params
@@ -123,7 +123,7 @@ def warmstart_stage(config, wd: Workdir) -> None:
                            high=len(tokenizer), seed=config.seed, lengths=tuple(node.copy_lengths),
                            sep=tokenizer.encode("\n")[0])
     params = jax.device_get(train(node.copy_steps, (2 * node.copy_lengths[1] + 1,), copies,
-                                  wd.path("policy", "copy_phase"), params))
+                                  wd.path("policy", "copy_phase"), params, end_lr_ratio=1.0))
   train(node.steps, node.buckets, examples, wd.path("policy"), params)
 
 

@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +37,11 @@ def random_params(cfg, seed):
 
 
 def forward_scores(graphdef, params, seqs, L):
-  tokens, valid, last = rm.pad_sequences(seqs, L, 0)
-  model = nnx.merge(graphdef, params)
-  return np.asarray(rm.gather_last(rm.sequence_values(model, jnp.asarray(tokens), jnp.asarray(valid)),
-                                   jnp.asarray(last)))
+  """Scores of sequences in a forward of their own."""
+  @jax.jit
+  def f(tokens, valid, last):
+    return rm.gather_last(rm.sequence_values(nnx.merge(graphdef, params), tokens, valid), last)
+  return np.asarray(f(*rm.pad_sequences(seqs, L, 0)))
 
 
 # ---- inputs and batches --------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def copy_workdir(template, dst):
   return Workdir(str(dst))
 
 
-KILL_SCRIPT = """
+STAGE_SCRIPT = """
 import json, os, signal, sys
 sys.path.insert(0, {repo!r})
 import ml_collections
@@ -210,34 +212,72 @@ from autotraj_jax import metrics
 from autotraj_jax.stages import Workdir
 from autotraj_jax.training.rm_stage import rm_stage
 
-write = metrics.MetricWriter.write
-def killing_write(self, step, scalars):
-  write(self, step, scalars)
-  if step == {kill_at} and "loss" in scalars:
-    os.kill(os.getpid(), signal.SIGKILL)  # mid-run: step {kill_at} is done but not checkpointed
-metrics.MetricWriter.write = killing_write
+if sys.argv[1] == "kill":
+  write = metrics.MetricWriter.write
+  def killing_write(self, step, scalars):
+    write(self, step, scalars)
+    if step == {kill_at} and "loss" in scalars:
+      os.kill(os.getpid(), signal.SIGKILL)  # mid-run: step {kill_at} is done but not checkpointed
+  metrics.MetricWriter.write = killing_write
 rm_stage(ml_collections.ConfigDict(json.loads({config!r})), Workdir({root!r}))
 """
 
 
+class KillThenResume:
+  """In a background thread: the stage in a subprocess SIGKILLed after step 5, then a fresh
+  process resuming it. It overlaps the tests that run in this process (2 cores)."""
+
+  def __init__(self, wd: Workdir, config, log_path):
+    self.wd, self.log_path, self.seen = wd, log_path, {}
+    self.script = STAGE_SCRIPT.format(repo=REPO, kill_at=5, config=config.to_json(), root=wd.root)
+    self.proc = None
+    self.thread = threading.Thread(target=self._run, daemon=True)
+    self.thread.start()
+
+  def _stage(self, mode: str) -> int:
+    with open(self.log_path, "ab") as log:
+      self.proc = subprocess.Popen([sys.executable, "-c", self.script, mode], stdout=log, stderr=subprocess.STDOUT)
+      return self.proc.wait()
+
+  def _run(self):
+    self.seen["kill_rc"] = self._stage("kill")
+    ckpts = self.wd.path("rm", "checkpoints")
+    self.seen["steps_after_kill"] = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    self.seen["eval_after_kill"] = os.path.exists(self.wd.path("rm", "eval.json"))
+    self.seen["resume_rc"] = self._stage("resume")
+
+  def result(self, timeout: float) -> dict:
+    self.thread.join(timeout)
+    assert not self.thread.is_alive(), "the killed/resumed stage runs did not finish in time"
+    return self.seen
+
+  def stop(self):
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.kill()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def resume_job(stage_inputs, demo_tokenizer_dir, tmp_path_factory):
+  """Started with the module so that it runs alongside the other tests; checked by the last one."""
+  template, _ = stage_inputs
+  base = tmp_path_factory.mktemp("rm_cut")
+  job = KillThenResume(copy_workdir(template, base / "wd"), make_config(demo_tokenizer_dir), base / "runs.log")
+  yield job
+  job.stop()
+
+
 @pytest.fixture(scope="module")
 def rm_run(stage_inputs, demo_tokenizer_dir, tmp_path_factory):
-  """The stage run uninterrupted; meanwhile a copy is trained in a subprocess SIGKILLed at step 5."""
+  """The stage run uninterrupted on a copy of the template."""
   template, pairs = stage_inputs
   config = make_config(demo_tokenizer_dir)
-  base = tmp_path_factory.mktemp("rm_runs")
-  cut = copy_workdir(template, base / "cut")
-  script = KILL_SCRIPT.format(repo=REPO, kill_at=5, config=config.to_json(), root=cut.root)
-  log = open(base / "killed_run.log", "wb")
-  proc = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT)
-  proc.log_path = base / "killed_run.log"
-  full = copy_workdir(template, base / "full")
+  full = copy_workdir(template, tmp_path_factory.mktemp("rm_full") / "wd")
   rm.rm_stage(config, full)
-  return full, cut, proc, config, pairs
+  return full, config, pairs
 
 
 def test_rm_stage_writes_eval_plot_and_hf(rm_run):
-  wd, _, _, _, pairs = rm_run
+  wd, _, pairs = rm_run
   with open(wd.path("rm", "eval.json")) as f:
     ev = json.load(f)
   assert ev["trained"] and ev["steps"] == 6
@@ -272,7 +312,7 @@ def test_init_rm_params_keeps_the_transformer(stage_inputs):
 
 
 def test_scorer_matches_training_forward_and_raw_text(rm_run, demo_tokenizer):
-  wd, _, _, config, pairs = rm_run
+  wd, _, pairs = rm_run
   scorer = rm.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(128, 256), batch_size=4)
   cfg, _, params = checkpoint.load_model(wd.path("rm", "checkpoints"))
   graphdef, _ = abstract_model(cfg, "scalar")
@@ -293,7 +333,7 @@ def test_scorer_matches_training_forward_and_raw_text(rm_run, demo_tokenizer):
 def test_hf_sequence_classifier_matches(rm_run, demo_tokenizer):
   torch = pytest.importorskip("torch")
   import transformers
-  wd, _, _, _, pairs = rm_run
+  wd, _, pairs = rm_run
   scorer = rm.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(256,), batch_size=4)
   trajs = [Trajectory.from_dict(p[side]) for p in pairs[:2] for side in ("chosen", "rejected")]
   seqs = [rm.rm_input(t, scorer.end_ids) for t in trajs]
@@ -304,13 +344,25 @@ def test_hf_sequence_classifier_matches(rm_run, demo_tokenizer):
   np.testing.assert_allclose(ref.numpy()[:, 0], scorer(trajs), atol=1e-4, rtol=0)
 
 
-def test_rm_stage_resumes_exactly_after_kill(rm_run):
-  full, cut, proc, config, _ = rm_run
-  proc.wait(timeout=300)
-  assert proc.returncode == -signal.SIGKILL, proc.log_path.read_text()[-3000:]
-  assert not os.path.exists(cut.path("rm", "eval.json"))
-  assert checkpoint.Checkpointer(cut.path("rm", "checkpoints")).all_steps() == [4]
-  rm.rm_stage(config, cut)
+def test_too_few_pairs_writes_untrained_eval(tmp_path, demo_tokenizer, demo_tokenizer_dir):
+  write_inputs(tmp_path, demo_tokenizer, num_questions=3)  # 6 pairs, fewer than a batch of 8
+  rm.rm_stage(make_config(demo_tokenizer_dir, eval_fraction=0.0), Workdir(str(tmp_path)))
+  with open(tmp_path / "rm" / "eval.json") as f:
+    ev = json.load(f)
+  assert ev["trained"] is False and "fewer than one batch" in ev["reason"]
+  assert ev["total_pairs"] == 6 and ev["train_pairs"] == 6 and ev["pairs"] == 0
+  assert not (tmp_path / "rm" / "checkpoints").exists()
+
+
+def test_rm_stage_resumes_exactly_after_kill(rm_run, resume_job):
+  """Killed at step 5 (checkpoint at 4), rerun in a fresh process: the uninterrupted result."""
+  full, _, _ = rm_run
+  seen = resume_job.result(timeout=400)
+  log_tail = resume_job.log_path.read_text()[-3000:]
+  assert seen["kill_rc"] == -signal.SIGKILL, log_tail
+  assert seen["steps_after_kill"] == [4] and not seen["eval_after_kill"]
+  assert seen["resume_rc"] == 0, log_tail
+  cut = resume_job.wd
   _, _, a = checkpoint.load_model(full.path("rm", "checkpoints"))
   _, _, b = checkpoint.load_model(cut.path("rm", "checkpoints"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -325,13 +377,3 @@ def test_rm_stage_resumes_exactly_after_kill(rm_run):
   assert by_step(cut) == by_step(full)
   with open(full.path("rm", "eval.json")) as f, open(cut.path("rm", "eval.json")) as g:
     assert json.load(f) == json.load(g)
-
-
-def test_too_few_pairs_writes_untrained_eval(tmp_path, demo_tokenizer, demo_tokenizer_dir):
-  write_inputs(tmp_path, demo_tokenizer, num_questions=3)  # 6 pairs, fewer than a batch of 8
-  rm.rm_stage(make_config(demo_tokenizer_dir, eval_fraction=0.0), Workdir(str(tmp_path)))
-  with open(tmp_path / "rm" / "eval.json") as f:
-    ev = json.load(f)
-  assert ev["trained"] is False and "fewer than one batch" in ev["reason"]
-  assert ev["total_pairs"] == 6 and ev["train_pairs"] == 6 and ev["pairs"] == 0
-  assert not (tmp_path / "rm" / "checkpoints").exists()

@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   # asset: a shipped warm-started policy to import ('' trains one here; see data_gen/demo_stages.py)
   c.warmstart = dict(asset=DEMO_POLICY, num_tasks=2000, steps=200, batch_size=16, micro_batch_size=0, buckets=(256, 384, 512, 1024),
                      learning_rate=2e-3, warmup_steps=30, log_every=10, checkpoint_every=100,
-                     repair_fraction=0.2, copy_steps=250, copy_lengths=(16, 64),
+                     repair_fraction=0.2, copy_steps=400, copy_lengths=(16, 64),
                      flaws=dict(hedge=0.12, repeat_call=0.08, failed_call=0.08, verbose=0.08,
                                 broken_tags=0.04, guess=0.25))
   c.policy = dict(name="demo-policy", checkpoint="", sglang_url="")

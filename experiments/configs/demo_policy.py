@@ -21,6 +21,6 @@ def get_config():
   c = base_config()
   c.stages = ("world", "tokenizer", "warmstart", "eval", "export_policy")
   c.export_dir = DEMO_POLICY
-  c.warmstart.update(asset="", steps=1200, copy_steps=250)
+  c.warmstart.update(asset="", steps=1200, copy_steps=400)
   c.eval.max_questions = 200
   return c
