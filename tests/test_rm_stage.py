@@ -4,7 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +12,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from autotraj_jax import checkpoint
+from autotraj_jax import sharding as shd
 from autotraj_jax.metrics import read_metrics
-from autotraj_jax.models import abstract_model, get_preset, init_model
+from autotraj_jax.models import abstract_model, get_preset
 from autotraj_jax.stages import Workdir
 from autotraj_jax.tir.prompts import prompt_ids
 from autotraj_jax.tir.trajectory import Segment, Trajectory
@@ -36,12 +36,29 @@ def random_params(cfg, seed):
   return graphdef, jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, a.dtype), abstract)
 
 
+def init_params(cfg, kind, seed):
+  """Params as a fresh model has them (N(0, 0.02) weights, unit norms, zero head), drawn on the
+  host: eager init on the fake devices compiles every op and costs seconds."""
+  graphdef, abstract = abstract_model(cfg, kind)
+  rng = np.random.default_rng(seed)
+
+  def one(path, a):
+    name = shd.path_str(path)
+    if name.endswith("norm/weight"):
+      return jnp.ones(a.shape, a.dtype)
+    if name.endswith("bias") or name == "score":
+      return jnp.zeros(a.shape, a.dtype)
+    return jnp.asarray(rng.normal(size=a.shape) * 0.02, a.dtype)
+
+  return graphdef, jax.tree_util.tree_map_with_path(one, abstract)
+
+
+_scores = jax.jit(rm.sequence_scores, static_argnums=0)
+
+
 def forward_scores(graphdef, params, seqs, L):
   """Scores of sequences in a forward of their own."""
-  @jax.jit
-  def f(tokens, valid, last):
-    return rm.gather_last(rm.sequence_values(nnx.merge(graphdef, params), tokens, valid), last)
-  return np.asarray(f(*rm.pad_sequences(seqs, L, 0)))
+  return np.asarray(_scores(graphdef, params, *rm.pad_sequences(seqs, L, 0)))
 
 
 # ---- inputs and batches --------------------------------------------------------------------------
@@ -121,7 +138,7 @@ def test_rm_learns_a_marker_token():
     return {"tokens": [chosen, rejected], "margin": 0.0}
 
   train, held = [pair() for _ in range(256)], [pair() for _ in range(64)]
-  graphdef, params = init_model(CFG, "scalar", seed=0)
+  graphdef, params = init_params(CFG, "scalar", seed=0)
   opt = optax.adam(5e-3)
   step = jax.jit(make_train_step(rm.make_rm_loss(graphdef, center_coef=0.01), opt))
   state = init_state(params, opt, seed=0)
@@ -136,9 +153,9 @@ def test_rm_learns_a_marker_token():
 
 # ---- the stage on a tiny synthetic workdir -------------------------------------------------------
 
-RM_CFG = dict(init="policy", steps=6, batch_size=8, micro_batch_size=0, learning_rate=3e-3, warmup_steps=1,
-              buckets=(256,), margin_low=0.0, margin_wrong=0.5, center_coef=0.01, eval_fraction=0.25,
-              eval_every=3, max_score_samples=4, log_every=1, checkpoint_every=2)
+RM_CFG = dict(init="policy", steps=4, batch_size=8, micro_batch_size=0, learning_rate=3e-3, warmup_steps=1,
+              buckets=(160,), margin_low=0.0, margin_wrong=0.5, center_coef=0.01, eval_fraction=0.25,
+              eval_every=2, max_score_samples=4, log_every=1, checkpoint_every=2)
 
 
 def make_config(tokenizer_dir, **rm_overrides):
@@ -158,7 +175,7 @@ SEGMENTS = {
 def make_traj(tok, qid, k, quality, a, b, eos=False):
   question = f"What is {a} times {b}?"
   segs = []
-  for i, text in enumerate(SEGMENTS[quality]):
+  for text in SEGMENTS[quality]:
     text = text.format(a=a, b=b, c=a * b)
     ids = tok.encode(text, add_special_tokens=False)
     segs.append(Segment("tool" if "<result>" in text else "model", ids, text))
@@ -194,7 +211,7 @@ def stage_inputs(tmp_path_factory, demo_tokenizer):
   root = str(tmp_path_factory.mktemp("rm_template"))
   pairs = write_inputs(root, demo_tokenizer, num_questions=16)
   cfg = get_preset("tiny", num_layers=1, vocab_size=len(demo_tokenizer))
-  _, params = init_model(cfg, seed=3)
+  _, params = init_params(cfg, "causal_lm", seed=3)
   checkpoint.save_model(os.path.join(root, "policy", "checkpoints"), params, cfg)
   return root, pairs
 
@@ -205,82 +222,97 @@ def copy_workdir(template, dst):
 
 
 STAGE_SCRIPT = """
-import json, os, signal, sys
-sys.path.insert(0, {repo!r})
+import json, os, signal, subprocess, sys
+spec = json.loads(sys.argv[2])
+sys.path.insert(0, spec["repo"])
 import ml_collections
 from autotraj_jax import metrics
 from autotraj_jax.stages import Workdir
 from autotraj_jax.training.rm_stage import rm_stage
 
+def run(root):
+  rm_stage(ml_collections.ConfigDict(spec["config"]), Workdir(root))
+
 if sys.argv[1] == "kill":
   write = metrics.MetricWriter.write
   def killing_write(self, step, scalars):
     write(self, step, scalars)
-    if step == {kill_at} and "loss" in scalars:
-      os.kill(os.getpid(), signal.SIGKILL)  # mid-run: step {kill_at} is done but not checkpointed
+    if step == spec["kill_at"] and "loss" in scalars:
+      os.kill(os.getpid(), signal.SIGKILL)  # mid-run: the step is done but not checkpointed
   metrics.MetricWriter.write = killing_write
-rm_stage(ml_collections.ConfigDict(json.loads({config!r})), Workdir({root!r}))
+  run(spec["cut"])
+else:
+  run(spec["full"])
+  open(spec["full_done"], "w").close()
+  seen = {"kill_rc": subprocess.run([sys.executable, __file__, "kill", sys.argv[2]]).returncode}
+  ckpts = os.path.join(spec["cut"], "rm", "checkpoints")
+  seen["steps_after_kill"] = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  seen["eval_after_kill"] = os.path.exists(os.path.join(spec["cut"], "rm", "eval.json"))
+  run(spec["cut"])  # the rerun, in this process
+  with open(spec["summary"], "w") as f:
+    json.dump(seen, f)
 """
 
 
-class KillThenResume:
-  """In a background thread: the stage in a subprocess SIGKILLed after step 5, then a fresh
-  process resuming it. It overlaps the tests that run in this process (2 cores)."""
+class StageRuns:
+  """The stage in a background process: uninterrupted on one workdir copy, then on another one
+  in a child SIGKILLed after step 3 (checkpoint at 2), then rerun there. It runs alongside the
+  in-process tests; a shared persistent compilation cache spares the later runs the compiles."""
 
-  def __init__(self, wd: Workdir, config, log_path):
-    self.wd, self.log_path, self.seen = wd, log_path, {}
-    self.script = STAGE_SCRIPT.format(repo=REPO, kill_at=5, config=config.to_json(), root=wd.root)
-    self.proc = None
-    self.thread = threading.Thread(target=self._run, daemon=True)
-    self.thread.start()
+  def __init__(self, template: str, config, base):
+    self.full, self.cut = copy_workdir(template, base / "full"), copy_workdir(template, base / "cut")
+    self.full_done, self.summary, self.log_path = base / "full_done", base / "summary.json", base / "runs.log"
+    spec = {"repo": REPO, "config": config.to_dict(), "full": self.full.root, "cut": self.cut.root, "kill_at": 3,
+            "full_done": str(self.full_done), "summary": str(self.summary)}
+    script = base / "stage_runs.py"
+    script.write_text(STAGE_SCRIPT)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(base / "xla_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    with open(self.log_path, "wb") as log:
+      self.proc = subprocess.Popen([sys.executable, str(script), "driver", json.dumps(spec)], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
 
-  def _stage(self, mode: str) -> int:
-    with open(self.log_path, "ab") as log:
-      self.proc = subprocess.Popen([sys.executable, "-c", self.script, mode], stdout=log, stderr=subprocess.STDOUT)
-      return self.proc.wait()
+  def log_tail(self) -> str:
+    return self.log_path.read_text(errors="replace")[-4000:]
 
-  def _run(self):
-    self.seen["kill_rc"] = self._stage("kill")
-    ckpts = self.wd.path("rm", "checkpoints")
-    self.seen["steps_after_kill"] = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
-    self.seen["eval_after_kill"] = os.path.exists(self.wd.path("rm", "eval.json"))
-    self.seen["resume_rc"] = self._stage("resume")
+  def wait_full(self, timeout: float) -> Workdir:
+    deadline = time.monotonic() + timeout
+    while not self.full_done.exists():
+      assert self.proc.poll() is None, f"the stage process exited early:\n{self.log_tail()}"
+      assert time.monotonic() < deadline, "the uninterrupted stage run did not finish in time"
+      time.sleep(0.2)
+    return self.full
 
-  def result(self, timeout: float) -> dict:
-    self.thread.join(timeout)
-    assert not self.thread.is_alive(), "the killed/resumed stage runs did not finish in time"
-    return self.seen
+  def wait_all(self, timeout: float) -> dict:
+    assert self.proc.wait(timeout) == 0, self.log_tail()
+    return json.loads(self.summary.read_text())
 
   def stop(self):
-    if self.proc is not None and self.proc.poll() is None:
+    if self.proc.poll() is None:
       self.proc.kill()
+      self.proc.wait()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def resume_job(stage_inputs, demo_tokenizer_dir, tmp_path_factory):
-  """Started with the module so that it runs alongside the other tests; checked by the last one."""
+def stage_runs(stage_inputs, demo_tokenizer_dir, tmp_path_factory):
+  """Started with the module so that it overlaps the other tests."""
   template, _ = stage_inputs
-  base = tmp_path_factory.mktemp("rm_cut")
-  job = KillThenResume(copy_workdir(template, base / "wd"), make_config(demo_tokenizer_dir), base / "runs.log")
-  yield job
-  job.stop()
+  runs = StageRuns(template, make_config(demo_tokenizer_dir), tmp_path_factory.mktemp("rm_runs"))
+  yield runs
+  runs.stop()
 
 
 @pytest.fixture(scope="module")
-def rm_run(stage_inputs, demo_tokenizer_dir, tmp_path_factory):
-  """The stage run uninterrupted on a copy of the template."""
-  template, pairs = stage_inputs
-  config = make_config(demo_tokenizer_dir)
-  full = copy_workdir(template, tmp_path_factory.mktemp("rm_full") / "wd")
-  rm.rm_stage(config, full)
-  return full, config, pairs
+def rm_run(stage_runs, stage_inputs, demo_tokenizer_dir):
+  """The uninterrupted run's workdir."""
+  return stage_runs.wait_full(timeout=400), make_config(demo_tokenizer_dir), stage_inputs[1]
 
 
 def test_rm_stage_writes_eval_plot_and_hf(rm_run):
   wd, _, pairs = rm_run
   with open(wd.path("rm", "eval.json")) as f:
     ev = json.load(f)
-  assert ev["trained"] and ev["steps"] == 6
+  assert ev["trained"] and ev["steps"] == 4 and ev["truncated_pairs"] == 0
   assert ev["total_pairs"] == len(pairs) and ev["pairs"] + ev["train_pairs"] == len(pairs) and ev["pairs"] == 8
   assert 0.0 <= ev["pair_accuracy"] <= 1.0 and np.isfinite(ev["pair_margin"])
   assert set(ev["pair_accuracy_by_failure"]) == {"low", "wrong"}
@@ -293,13 +325,13 @@ def test_rm_stage_writes_eval_plot_and_hf(rm_run):
   assert config["architectures"] == ["Qwen2ForSequenceClassification"] and config["pad_token_id"] == 0
   assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= set(os.listdir(hf_dir))
   logs = read_metrics(wd.path("rm", "logs"))
-  assert [r["step"] for r in logs if "loss" in r] == list(range(1, 7))
-  assert [r["step"] for r in logs if "eval/pair_accuracy" in r] == [3, 6]
+  assert [r["step"] for r in logs if "loss" in r] == list(range(1, 5))
+  assert [r["step"] for r in logs if "eval/pair_accuracy" in r] == [2, 4]
   cfg, kind, _ = checkpoint.load_model(wd.path("rm", "checkpoints"))
   assert kind == "scalar" and cfg.num_layers == 1
 
 
-def test_init_rm_params_keeps_the_transformer(stage_inputs):
+def test_init_rm_params_keeps_the_transformer(stage_inputs, tmp_path):
   template, _ = stage_inputs
   ckpt = os.path.join(template, "policy", "checkpoints")
   _, _, lm = checkpoint.load_model(ckpt)
@@ -309,19 +341,27 @@ def test_init_rm_params_keeps_the_transformer(stage_inputs):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert 0 < float(jnp.std(params["score"])) < 0.1
   np.testing.assert_array_equal(rm.init_rm_params(ckpt, seed=0)[1]["score"], params["score"])
+  # An untied policy's lm_head is dropped.
+  untied = get_preset("tiny", num_layers=1, tie_embeddings=False)
+  lm_params = init_params(untied, "causal_lm", seed=1)[1]
+  assert "lm_head" in lm_params
+  checkpoint.save_model(tmp_path / "untied", lm_params, untied)
+  assert set(rm.init_rm_params(tmp_path / "untied", seed=0)[1]) == {"model", "score"}
 
 
 def test_scorer_matches_training_forward_and_raw_text(rm_run, demo_tokenizer):
   wd, _, pairs = rm_run
-  scorer = rm.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(128, 256), batch_size=4)
+  scorer = rm.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(128, 160), batch_size=4)
   cfg, _, params = checkpoint.load_model(wd.path("rm", "checkpoints"))
   graphdef, _ = abstract_model(cfg, "scalar")
   ex = [rm.pair_example(p, demo_tokenizer) for p in pairs[:3]]
-  rc, rr = jax.jit(lambda p, b: rm.pair_forward(graphdef, p, b))(params, rm.collate_pairs(ex, (256,), 0))
+  rc, rr = jax.jit(lambda p, b: rm.pair_forward(graphdef, p, b))(params, rm.collate_pairs(ex, (160,), 0))
   trajs = [Trajectory.from_dict(p[side]) for p in pairs[:3] for side in ("chosen", "rejected")]
   got = scorer(trajs)
   np.testing.assert_allclose(got, np.stack([rc, rr], 1).reshape(-1), rtol=1e-5, atol=1e-5)
   assert np.std(got) > 1e-4
+  assert scorer.num_compiles == 2 and scorer.truncated == 0  # the 128 and 160 buckets, batches of 4
+  assert scorer(trajs[::-1]) == pytest.approx(got[::-1], abs=1e-6) and scorer.num_compiles == 2
   # Raw text through the chat prompt scores as the Trajectory with the same text.
   t = Trajectory.from_dict(pairs[1]["chosen"])
   assert t.response_ids[-1] == demo_tokenizer.eos_token_id  # an eos-terminated response
@@ -334,7 +374,7 @@ def test_hf_sequence_classifier_matches(rm_run, demo_tokenizer):
   torch = pytest.importorskip("torch")
   import transformers
   wd, _, pairs = rm_run
-  scorer = rm.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(256,), batch_size=4)
+  scorer = rm.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(160,), batch_size=4)
   trajs = [Trajectory.from_dict(p[side]) for p in pairs[:2] for side in ("chosen", "rejected")]
   seqs = [rm.rm_input(t, scorer.end_ids) for t in trajs]
   tokens, valid, _ = rm.pad_sequences(seqs, max(map(len, seqs)), demo_tokenizer.pad_token_id)
@@ -354,21 +394,19 @@ def test_too_few_pairs_writes_untrained_eval(tmp_path, demo_tokenizer, demo_toke
   assert not (tmp_path / "rm" / "checkpoints").exists()
 
 
-def test_rm_stage_resumes_exactly_after_kill(rm_run, resume_job):
-  """Killed at step 5 (checkpoint at 4), rerun in a fresh process: the uninterrupted result."""
+def test_rm_stage_resumes_exactly_after_kill(rm_run, stage_runs):
+  """Killed after step 3 (checkpoint at 2) and rerun: the uninterrupted run's params, logs and eval."""
   full, _, _ = rm_run
-  seen = resume_job.result(timeout=400)
-  log_tail = resume_job.log_path.read_text()[-3000:]
-  assert seen["kill_rc"] == -signal.SIGKILL, log_tail
-  assert seen["steps_after_kill"] == [4] and not seen["eval_after_kill"]
-  assert seen["resume_rc"] == 0, log_tail
-  cut = resume_job.wd
+  seen = stage_runs.wait_all(timeout=400)
+  assert seen["kill_rc"] == -signal.SIGKILL, stage_runs.log_tail()
+  assert seen["steps_after_kill"] == [2] and not seen["eval_after_kill"]
+  cut = stage_runs.cut
   _, _, a = checkpoint.load_model(full.path("rm", "checkpoints"))
   _, _, b = checkpoint.load_model(cut.path("rm", "checkpoints"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
-  def by_step(wd):  # the last value logged for each (step, metric): the rerun overwrites step 5
+  def by_step(wd):  # the last value logged for each (step, metric): the rerun overwrites step 3
     out = {}
     for r in read_metrics(wd.path("rm", "logs")):
       out.update({(r["step"], k): v for k, v in r.items() if k not in ("step", "time")})

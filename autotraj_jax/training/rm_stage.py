@@ -6,11 +6,16 @@ one definition of what the RM sees, shared by training, the held-out eval and
 `RewardModelScorer` (the RL reward), so an RL score is on the same footing as a training one.
 
 Outputs under `<workdir>/rm`: trainer checkpoints (`checkpoints/`, loadable with
-`checkpoint.load_model`, kind 'scalar'), logs, `eval.json` (held-out pair accuracy and margin,
-per-quality score stats of the stage-1 candidates), `scores.png` (score histograms of high / low
-/ wrong candidates) and `hf/` (an HF sequence-classification checkpoint with the tokenizer).
-With fewer training pairs than one batch (a small demo run can produce that), nothing is trained:
-`eval.json` says `"trained": false` with the reason, and the stage still completes.
+`checkpoint.load_model`, kind 'scalar'; rerunning a killed stage resumes from them), `logs/`
+(`loss`, `loss_bt`; `correct`, `margin`, `chosen`, `rejected` are sums over the step's `count`
+pairs; `eval/pair_accuracy`, `eval/pair_margin` on the held-out pairs), `scores.png` (histograms
+of high / low / wrong candidates), `hf/` (an HF sequence-classification checkpoint with the
+tokenizer files) and, written last, `eval.json`: `trained`, `steps`, `pairs` (held-out pairs),
+`train_pairs`, `total_pairs`, `pair_accuracy`, `pair_margin`, `pair_accuracy_by_failure`,
+`scores` ({quality: {mean, std, n}} over `scored.jsonl`) and `truncated_pairs`.
+With fewer training pairs than one batch (a small demo run can produce that), nothing is trained
+and no checkpoint is written: `eval.json` says `"trained": false` with the reason, and the stage
+still completes (a later stage that needs the RM then fails on the missing checkpoint).
 
 Fields of `config.rm` (and `config.seed`: split, head init, data order):
 
@@ -212,7 +217,9 @@ def init_rm_params(policy_ckpt_dir: str | os.PathLike, seed: int) -> tuple[Any, 
 # ---- scoring -------------------------------------------------------------------------------------
 
 
-def _sequence_scores(graphdef: nnx.GraphDef, params: Any, tokens_NL, valid_NL, last_N) -> jax.Array:
+def sequence_scores(graphdef: nnx.GraphDef, params: Any, tokens_NL: jax.Array, valid_NL: jax.Array,
+                    last_N: jax.Array) -> jax.Array:
+  """[N] scores: the scalar head at each sequence's last real token."""
   return gather_last(sequence_values(nnx.merge(graphdef, params), tokens_NL, valid_NL), last_N)
 
 
@@ -247,7 +254,13 @@ class RewardModelScorer:
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     self.end_ids = end_ids_of(tokenizer)
     self.truncated = 0
-    self._score = jax.jit(lambda p, t, v, l: _sequence_scores(graphdef, p, t, v, l))
+    self.num_compiles = 0
+
+    def score(p, tokens, valid, last):
+      self.num_compiles += 1  # runs only while tracing: once per bucket
+      return sequence_scores(graphdef, p, tokens, valid, last)
+
+    self._score = jax.jit(score)
 
   def score_ids(self, seqs: Sequence[Sequence[int]]) -> list[float]:
     """Scores of token sequences (already `rm_input`s), in order."""
