@@ -193,9 +193,13 @@ def rl_stage(config, wd: Workdir, variant: str) -> None:
   engine.update_params(jax.device_put(policy.state.params, engine_shardings))
   tools = make_tools(config, wd)
   rm_fn = None
-  if "rm" in rcfg.weights and rcfg.weights["rm"] or rcfg.uses_rm:
+  if rcfg.uses_rm:
     from autotraj_jax.training.rm_stage import RewardModelScorer
-    rm_fn = RewardModelScorer(model_checkpoints(wd, node.rm), tokenizer)
+    rm_dir = model_checkpoints(wd, node.rm)
+    if not os.path.isdir(rm_dir):
+      raise FileNotFoundError(f"rl:{variant} rewards use the reward model but {rm_dir} holds no checkpoint "
+                              f"(was the '{node.rm}' stage run? see {node.rm}/eval.json)")
+    rm_fn = RewardModelScorer(rm_dir, tokenizer)
   rollout_cfg = rollout_config(node, config.seed)
   writer = MetricWriter(os.path.join(out_dir, "logs"))
   bar = tqdm(total=node.steps, initial=begin, desc=f"rl:{variant}", dynamic_ncols=True)

@@ -24,7 +24,8 @@ def get_config():
   c.repair.update(attempts=1, chunk=8, **short)
   c.eval.update(max_questions=8, **short)
   c.engine.update(batch_buckets=(8, 16), prompt_buckets=(256, 512, 1024), new_token_buckets=(96,))
-  c.sft.update(steps=4, batch_size=4, buckets=(512,), checkpoint_every=2, log_every=1, eval_questions=4)
+  c.sft.update(steps=4, batch_size=4, warmup_steps=1, buckets=(512,), checkpoint_every=2, log_every=1,
+                eval_questions=4)
   c.rm.update(steps=3, batch_size=2, warmup_steps=1, buckets=(512,), eval_every=0, log_every=1,
               checkpoint_every=2, max_score_samples=16)
   c.rl.update(steps=2, prompts_per_step=2, samples_per_prompt=2, minibatches=1, buckets=(512,),
