@@ -26,7 +26,7 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -206,3 +206,25 @@ def export_merged(out_dir: str | os.PathLike, base_params: Any, lora_params: Any
   if hf_dir is not None:
     save_hf(hf_dir, merged, model_cfg, kind=kind, tokenizer_dir=tokenizer_dir)
   return merged
+
+
+@dataclasses.dataclass
+class LoraSetup:
+  """What a stage hands its Trainer when LoRA is on (or the plain setup when it is off)."""
+
+  params: Any                      # {"base", "lora"} when on, else the model params
+  loss_fn: LossFn
+  optimizer_wrapper: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None
+  cfg: LoraConfig
+
+  def merged(self, params: Any) -> Any:
+    """The plain model params of a trained state (adapters merged into the weights)."""
+    return merge_lora(params["base"], params["lora"], self.cfg) if self.cfg.enabled else params
+
+
+def setup(params: Any, loss_fn: LossFn, cfg: LoraConfig, seed: int) -> LoraSetup:
+  """Wraps a stage's params and loss for LoRA training when `cfg.rank > 0`; identity otherwise."""
+  if not cfg.enabled:
+    return LoraSetup(params, loss_fn, None, cfg)
+  return LoraSetup({"base": params, "lora": init_lora(params, cfg, seed)}, make_lora_loss(loss_fn, cfg),
+                   lora_optimizer, cfg)

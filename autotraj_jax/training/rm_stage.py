@@ -21,6 +21,8 @@ Fields of `config.rm` (and `config.seed`: split, head init, data order):
 
 - `init`: the model the RM starts from, by name in the workdir ('policy', 'sft_autotraj'); its
   checkpoints are in `<workdir>/<init>/checkpoints`. The head is freshly initialised.
+- `lora.rank` (0: full fine-tuning), `lora.alpha`, `lora.targets`: LoRA adapters with the score head
+  trained in full; the merged model is what gets saved, scored and exported.
 - `steps`, `batch_size` (pairs per step), `micro_batch_size` (0: no accumulation),
   `learning_rate`, `warmup_steps`, `log_every`, `checkpoint_every`: the trainer's.
 - `buckets`: padded lengths (ascending); a pair pads to the smallest bucket that fits its longer
@@ -369,6 +371,7 @@ def _write_json(path: str, obj: dict[str, Any]) -> None:
 def rm_stage(config, wd: Workdir) -> None:
   from autotraj_jax import sharding as shd
   from autotraj_jax.models import abstract_model, hf
+  from autotraj_jax.training import lora as lora_lib
   from autotraj_jax.training.optimizer import OptimizerConfig
   from autotraj_jax.training.trainer import TrainConfig, Trainer
   from data_gen.stages import load_tokenizer_for, model_checkpoints
@@ -400,13 +403,16 @@ def rm_stage(config, wd: Workdir) -> None:
 
   model_cfg, params = init_rm_params(model_checkpoints(wd, node.init), config.seed)
   graphdef, _ = abstract_model(model_cfg, "scalar")
+  lora_node = dict(node.get("lora", {}) or {})
+  lora = lora_lib.setup(params, make_rm_loss(graphdef, center_coef=node.center_coef),
+                        lora_lib.LoraConfig(**{"full": ("score",), **lora_node}), config.seed)
   mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   held_scores = make_pair_eval(graphdef, held_ex, buckets=buckets, batch_size=node.batch_size,
                                pad_id=pad_id) if held_ex else None
 
   def eval_fn(p, step: int) -> dict[str, float]:
-    out = pair_metrics(*held_scores(p))
+    out = pair_metrics(*held_scores(lora.merged(p)))
     log.info("rm step %d held-out: %s", step, out)
     return out
 
@@ -418,17 +424,24 @@ def rm_stage(config, wd: Workdir) -> None:
                                               total_steps=node.steps, end_lr_ratio=0.1, weight_decay=0.0))
   meta = {"model_config": model_cfg.to_dict(), "model_kind": "scalar", "rm_init": node.init,
           "center_coef": float(node.center_coef), "margins": margins}
-  trainer = Trainer(cfg, loss_fn=make_rm_loss(graphdef, center_coef=node.center_coef), params=params,
-                    mesh=mesh, workdir=out_dir, meta=meta, eval_fn=eval_fn if held_scores else None,
-                    eval_every=node.eval_every or node.steps, collate_fn=collate_pairs)
+  trainer = Trainer(cfg, loss_fn=lora.loss_fn, params=lora.params, mesh=mesh,
+                    workdir=os.path.join(out_dir, "train") if lora.cfg.enabled else out_dir, meta=meta,
+                    eval_fn=eval_fn if held_scores else None, eval_every=node.eval_every or node.steps,
+                    collate_fn=collate_pairs, optimizer_wrapper=lora.optimizer_wrapper)
   try:
     state = trainer.run(train_ex)
   finally:
     trainer.close()
+  params = lora.merged(state.params)
+  if lora.cfg.enabled:  # the scorer and later stages load a plain scalar model
+    from autotraj_jax.checkpoint import save_model
+    save_model(os.path.join(out_dir, "checkpoints"), jax.device_get(params), model_cfg, kind="scalar",
+               step=int(state.step), extra_meta={k: v for k, v in meta.items() if k not in ("model_config",
+                                                                                            "model_kind")})
 
   result: dict[str, Any] = {"trained": True, "steps": int(state.step), **summary, "truncated_pairs": truncated}
   if held_scores is not None:
-    rc, rr = held_scores(state.params)
+    rc, rr = held_scores(params)
     result.update(pair_metrics(rc, rr))
     types = np.asarray([r.get("failure_type", "") for r in held])
     result["pair_accuracy_by_failure"] = {t: float(np.mean(rc[types == t] > rr[types == t]))
@@ -436,7 +449,7 @@ def rm_stage(config, wd: Workdir) -> None:
   else:
     result.update(pair_accuracy=None, pair_margin=None)
 
-  scorer = RewardModelScorer.from_params(graphdef, state.params, tokenizer, buckets=buckets,
+  scorer = RewardModelScorer.from_params(graphdef, params, tokenizer, buckets=buckets,
                                          batch_size=node.batch_size)
   scored_path = wd.path("scored.jsonl")
   candidates = list(iter_trajectories(scored_path)) if os.path.exists(scored_path) else []
@@ -447,7 +460,7 @@ def rm_stage(config, wd: Workdir) -> None:
 
   tokenizer_dir = config.model.get("tokenizer_dir") or wd.path("tokenizer")
   token_ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-  hf.save_hf(os.path.join(out_dir, "hf"), state.params, model_cfg, kind="scalar", tokenizer_dir=tokenizer_dir,
+  hf.save_hf(os.path.join(out_dir, "hf"), params, model_cfg, kind="scalar", tokenizer_dir=tokenizer_dir,
              token_ids=token_ids)
   _write_json(os.path.join(out_dir, "eval.json"), result)  # last: its presence means the outputs are complete
   log.info("rm: %s", json.dumps({k: v for k, v in result.items() if k != "scores"}))

@@ -103,6 +103,7 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
   from autotraj_jax import checkpoint
   from autotraj_jax.eval import EvalConfig, evaluate
   from autotraj_jax.models import abstract_model
+  from autotraj_jax.training import lora as lora_lib
   from autotraj_jax.training.optimizer import OptimizerConfig
   from autotraj_jax.training.sft import make_sft_loss
   from autotraj_jax.training.trainer import TrainConfig, Trainer
@@ -114,11 +115,13 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
   tokenizer = load_tokenizer_for(config, wd)
   trajs = select_sft(list(iter_trajectories(wd.path("sft.jsonl"))), node.data)
   train, held = split_by_question(trajs, node.eval_fraction, config.seed)
-  if len(train) < node.batch_size:
-    raise ValueError(f"sft:{variant}: {len(train)} training trajectories ({node.data}), fewer than one "
-                     f"batch of {node.batch_size}; generate more candidates or lower sft.batch_size")
+  if not train:
+    raise ValueError(f"sft:{variant}: no training trajectories ({node.data}) in sft.jsonl; the policy "
+                     "solved nothing and no repair was accepted (see report/stats.md)")
   log.info("sft:%s: %d train / %d held-out trajectories (%s)", variant, len(train), len(held), node.data)
   examples = sft_examples(train, tokenizer.eos_token_id, mask_tool_results=node.mask_tool_results)
+  if len(examples) < node.batch_size:  # a tiny set: repeat it to fill one batch
+    examples = (examples * node.batch_size)[:max(node.batch_size, len(examples))]
   held_examples = sft_examples(held, tokenizer.eos_token_id, mask_tool_results=True)
 
   init_dir = model_checkpoints(wd, node.init)
@@ -126,18 +129,10 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
   graphdef, _ = abstract_model(model_cfg, kind)
   mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1))
   pad_id = tokenizer.pad_token_id or 0
-  loss_fn = make_sft_loss(graphdef)
-  lora = node.get("lora", {})
-  lora_rank = int(lora.get("rank", 0)) if lora else 0
-  if lora_rank:
-    from autotraj_jax.training import lora as lora_lib
-    lcfg = lora_lib.LoraConfig(rank=lora_rank, alpha=float(lora.alpha), targets=tuple(lora.targets))
-    log.info("sft:%s: LoRA rank %d on %s", variant, lora_rank, lcfg.targets)
-    params = {"base": params, "lora": lora_lib.init_lora(params, lcfg, config.seed)}
-    loss_fn = lora_lib.make_lora_loss(loss_fn, lcfg)
-
-  def full_params(p):
-    return lora_lib.merge_lora(p["base"], p["lora"], lcfg) if lora_rank else p
+  lora = lora_lib.setup(params, make_sft_loss(graphdef), lora_lib.LoraConfig(**node.lora.to_dict()), config.seed)
+  if lora.cfg.enabled:
+    log.info("sft:%s: LoRA rank %d on %s", variant, lora.cfg.rank, lora.cfg.targets)
+  loss_fn, params, full_params = lora.loss_fn, lora.params, lora.merged
 
   eval_loss = make_eval_loss(loss_fn, held_examples, buckets=tuple(node.buckets), batch_size=node.batch_size,
                              pad_id=pad_id) if held_examples else None
@@ -164,17 +159,17 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
                     optimizer=OptimizerConfig(learning_rate=node.learning_rate, warmup_steps=node.warmup_steps,
                                               total_steps=node.steps, end_lr_ratio=0.1, weight_decay=0.0))
   meta = {"model_config": model_cfg.to_dict(), "model_kind": kind, "sft_data": node.data,
-          "mask_tool_results": bool(node.mask_tool_results), "lora_rank": lora_rank}
-  trainer_dir = os.path.join(out_dir, "train") if lora_rank else out_dir
+          "mask_tool_results": bool(node.mask_tool_results), "lora": lora.cfg.to_dict()}
+  trainer_dir = os.path.join(out_dir, "train") if lora.cfg.enabled else out_dir
   trainer = Trainer(cfg, loss_fn=loss_fn, params=params, mesh=mesh, workdir=trainer_dir, meta=meta,
                     eval_fn=eval_fn, eval_every=node.eval_every or node.steps,
-                    optimizer_wrapper=lora_lib.lora_optimizer if lora_rank else None)
+                    optimizer_wrapper=lora.optimizer_wrapper)
   try:
     state = trainer.run(examples)
   finally:
     trainer.close()
     close_tools(tools)
-  if lora_rank:  # later stages load a plain model: merge the adapters into the weights
+  if lora.cfg.enabled:  # later stages load a plain model: merge the adapters into the weights
     extra = {k: v for k, v in meta.items() if k not in ("model_config", "model_kind")}
     checkpoint.save_model(model_checkpoints(wd, f"sft_{variant}"), jax.device_get(full_params(state.params)),
                           model_cfg, kind=kind, step=int(state.step), extra_meta=extra)

@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The Bradley-Terry trajectory reward model on pairs.jsonl (fields: autotraj_jax/training/rm_stage.py).
   c.rm = dict(init="sft_autotraj", steps=60, batch_size=8, micro_batch_size=0, learning_rate=5e-4,
               warmup_steps=6, buckets=(256, 512, 1024), margin_low=0.0, margin_wrong=0.0, center_coef=0.01,
-              eval_fraction=0.1, eval_every=20, max_score_samples=200, log_every=10, checkpoint_every=30)
+              eval_fraction=0.1, eval_every=20, max_score_samples=200, log_every=10, checkpoint_every=30,
+              lora=dict(rank=0, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
   c.rl = dict(algo="grpo", init="sft_autotraj", rm="rm", split="train", max_questions=0, steps=20,
               prompts_per_step=8, samples_per_prompt=4, minibatches=2, micro_batch_size=0,
               buckets=(1024,), learning_rate=1e-5, warmup_steps=0, grad_clip=1.0,
