@@ -44,9 +44,12 @@ class ScoringConfig:
   selection: str = "threshold"        # 'threshold' (per trajectory) or 'reference' (per query)
   high_threshold: float = 0.86
   keep_all_threshold: float = 0.9
+  # A correct candidate with any of these dimensions below its floor is low quality whatever its
+  # total: one failed or repeated tool call barely moves a five-way weighted mean.
+  floors: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    unknown = set(self.weights) - set(SCORERS)
+    unknown = (set(self.weights) | set(self.floors)) - set(SCORERS)
     if unknown:
       raise ValueError(f"unknown scorers {sorted(unknown)}; registered: {sorted(SCORERS)}")
     if self.text not in ("model", "all") or self.length_reference not in ("correct", "all"):
@@ -156,7 +159,8 @@ PRESETS: dict[str, ScoringConfig] = {
     "reference": ScoringConfig(weights={"confidence": 0.4, "length": 0.3, "repetition": 0.3}, text="all",
                                length_reference="all", split_mixed_items=True, selection="reference"),
     "autotraj": ScoringConfig(weights={"confidence": 0.2, "length": 0.2, "repetition": 0.2, "format": 0.2,
-                                       "tool_use": 0.2}, high_threshold=0.86),
+                                       "tool_use": 0.2}, high_threshold=0.86,
+                          floors={"format": 1.0, "tool_use": 1.0, "repetition": 0.88}),
 }
 
 # ---- totals and partition ---------------------------------------------------------------------
@@ -188,14 +192,15 @@ def score_group(group: Sequence[Trajectory], cfg: ScoringConfig) -> list[Scored]
     for i in item:
       t = group[i]
       scores = {"correctness": correctness(t, members, cfg)}
-      for name in cfg.weights:
+      for name in {**cfg.weights, **cfg.floors}:
         scores[name] = SCORERS[name](t, members, cfg)
       total = sum(w * scores[name].value for name, w in cfg.weights.items())
       out[i] = Scored(t, scores, total)
   result: list[Scored] = out  # type: ignore[assignment]
   for s, ok in zip(result, correct):
-    s.category = HIGH if ok else WRONG
-  ok_idx = [i for i, ok in enumerate(correct) if ok]
+    below = any(s.scores[name].value < floor for name, floor in cfg.floors.items())
+    s.category = WRONG if not ok else LOW if below else HIGH
+  ok_idx = [i for i, ok in enumerate(correct) if ok and result[i].category == HIGH]
   if cfg.selection == "threshold":
     for i in ok_idx:
       if result[i].total < cfg.high_threshold:

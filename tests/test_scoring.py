@@ -86,3 +86,18 @@ def test_format_scorer_and_config_validation():
   assert s.scores["format"].value < 1.0 and "never closed" in s.scores["format"].reason
   with pytest.raises(ValueError, match="unknown scorers"):
     ScoringConfig(weights={"vibes": 1.0})
+
+
+def test_floors_make_one_flaw_low_quality_whatever_the_total():
+  segs = [Segment("model", [], "<think>add</think>\n<code>print(40+2)</code>"),
+          Segment("tool", [], "\n<result>\n42\n</result>\n"),
+          Segment("model", [], "<think>so 42</think>\n<answer>The final answer is \\boxed{42}</answer>")]
+  one_failed = [ToolCall("code", "print(x)", "NameError", False, 0.01)]
+  [s] = score_group([traj(None, calls=one_failed, segments=segs)], PRESETS["autotraj"])
+  assert s.total >= PRESETS["autotraj"].high_threshold  # the weighted total alone would keep it
+  assert s.category == LOW and any(d.startswith("tool_use: failed code call") for d in s.diagnosis())
+  no_floor = ScoringConfig(weights=PRESETS["autotraj"].weights)
+  [s] = score_group([traj(None, calls=one_failed, segments=segs)], no_floor)
+  assert s.category == HIGH
+  with pytest.raises(ValueError, match="unknown scorers"):
+    ScoringConfig(weights={"length": 1.0}, floors={"vibes": 0.5})
