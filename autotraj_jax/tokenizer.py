@@ -7,6 +7,7 @@ split the TIR tags into several tokens, so nothing downstream may assume a tag i
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -39,9 +40,18 @@ CHAT_TEMPLATE = (
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def _number_chunks(repeats: int = 40) -> Iterator[str]:
+  """Every 1-3 digit string, `repeats` times: frequent enough that BPE makes each one token."""
+  chunks = [f"{i:0{w}d}" for w in (1, 2, 3) for i in range(10 ** w)]
+  for _ in range(repeats):
+    yield " ".join(chunks)
+
+
 def _backend(vocab_size: int, texts: Iterable[str]) -> "Tokenizer":
-  """Byte-level BPE over single digits; all chat tokens and tags get ids 0..12."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+  """Byte-level BPE with numbers cut into 1-3 digit tokens from the left; all chat tokens and tags
+  get ids 0..12. A number is then a few tokens that read the same wherever it stands, which is what
+  a small model needs to copy it from a question or a tool result."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
   reserved = CHAT_TOKENS + TIR_TAGS
   if vocab_size < 256 + len(reserved):
@@ -49,7 +59,7 @@ def _backend(vocab_size: int, texts: Iterable[str]) -> "Tokenizer":
                      f"tokens plus {len(reserved)} reserved tokens")
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
   ])
   tok.decoder = decoders.ByteLevel()
@@ -59,7 +69,7 @@ def _backend(vocab_size: int, texts: Iterable[str]) -> "Tokenizer":
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size, special_tokens=added, show_progress=False,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(texts, trainer)
+  tok.train_from_iterator(itertools.chain(texts, _number_chunks()), trainer)
   # The trainer marks every reserved token special; tags must survive skip_special_tokens.
   spec = json.loads(tok.to_str())
   for entry in spec["added_tokens"]:

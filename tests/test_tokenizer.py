@@ -47,8 +47,16 @@ def test_vocab_and_special_tokens(tok):
   assert tok.eos_token == tok.pad_token == tk.ENDOFTEXT
   assert tok.pad_token_id == tok.convert_tokens_to_ids(tk.ENDOFTEXT)
   assert tok.bos_token is None
-  assert tok.encode("12", add_special_tokens=False) == tok.encode("1", add_special_tokens=False) + \
-      tok.encode("2", add_special_tokens=False)
+
+
+
+def test_numbers_are_cut_into_three_digit_chunks_that_read_the_same_everywhere(tok):
+  enc = lambda s: tok.encode(s, add_special_tokens=False)
+  assert enc("1234567") == enc("123") + enc("456") + enc("7")
+  number = enc("66741")
+  for text in ("x = 66741\n", "has 66741 people.", "\\boxed{66741}", "<result>\n66741\n</result>", "a66741b"):
+    ids = enc(text)
+    assert any(ids[i:i + len(number)] == number for i in range(len(ids))), text
 
 
 def test_chat_template(tok):
@@ -87,3 +95,10 @@ def test_missing_directory_errors(tmp_path):
 def test_vocab_too_small(tmp_path):
   with pytest.raises(ValueError, match="too small"):
     tk.train_tokenizer(["abc"], tmp_path, vocab_size=100)
+
+
+def test_every_number_chunk_is_one_token_at_the_demo_vocab_size(tmp_path):
+  tok = tk.build_demo_tokenizer(tmp_path, vocab_size=4096)
+  for width in (1, 2, 3):
+    for i in range(10 ** width):
+      assert len(tok.encode(f"{i:0{width}d}", add_special_tokens=False)) == 1, i
