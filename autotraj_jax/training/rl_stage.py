@@ -13,7 +13,7 @@ reward normaliser's running statistics are saved under the step number; rollouts
 
 Fields of `config.rl`: `algo` ('grpo' | 'ppo'), `init` (model name in the workdir), `split`,
 `steps`, `prompts_per_step`, `samples_per_prompt`, `minibatches`, `micro_batch_size`,
-`buckets` (sequence lengths), `learning_rate`, `warmup_steps`, `critic_learning_rate`,
+`buckets` (sequence lengths: a step pads to the smallest that fits it), `learning_rate`, `warmup_steps`, `critic_learning_rate`,
 `critic_warmup` (PPO: steps that train only the critic), the objective's knobs (see
 `RLConfig`), `rewards` (see `rewards.RewardConfig`), `rm` (model name of the reward model, used
 when the rewards weight 'rm'), sampling (`temperature`, `top_p`) and rollout limits.
@@ -148,7 +148,7 @@ def rl_stage(config, wd: Workdir, variant: str) -> None:
   pad_id = tokenizer.pad_token_id or 0
   queries = load_split(config, wd, node.split, node.get("max_questions", 0) or None)
   P, n = node.prompts_per_step, node.samples_per_prompt
-  B, L = P * n, max(node.buckets)
+  B = P * n
   if B % node.minibatches:
     raise ValueError(f"rl: {P} prompts x {n} samples does not split into {node.minibatches} minibatches")
 
@@ -213,6 +213,8 @@ def rl_stage(config, wd: Workdir, variant: str) -> None:
       t1 = time.time()
       rewards, components, info = compute_rewards(trajs, rcfg, rm_fn, reward_state)
       t2 = time.time()
+      longest = max(len(t.prompt_ids) + sum(len(s.token_ids) for s in t.segments) for t in trajs)
+      L = min((b for b in node.buckets if b >= longest), default=max(node.buckets))  # one compile per bucket
       batch = rl.rollout_batch(trajs, length=L, pad_id=pad_id)
       dev = {k: jnp.asarray(v) for k, v in batch.items()}
       old_logp = logprob_fn(policy.state.params, dev)
