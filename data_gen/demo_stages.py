@@ -69,8 +69,7 @@ def warmstart_stage(config, wd: Workdir) -> None:
   from autotraj_jax import sharding as shd
   from autotraj_jax.models import get_preset, init_model
   from autotraj_jax.taskworld import read_corpus, read_split
-  from autotraj_jax.taskworld.demo_policy import FlawRates, copy_examples, warmstart_examples
-  from autotraj_jax.tokenizer import CHAT_TOKENS, TIR_TAGS
+  from autotraj_jax.taskworld.demo_policy import FlawRates, warmstart_examples
   from autotraj_jax.tir.tools import make_tool
   from autotraj_jax.tokenizer import load_tokenizer
   from autotraj_jax.training.optimizer import OptimizerConfig
@@ -102,29 +101,18 @@ def warmstart_stage(config, wd: Workdir) -> None:
   model_cfg = get_preset(config.model.preset, vocab_size=len(tokenizer))
   graphdef, params = init_model(model_cfg, seed=config.seed)
   mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1))
-  meta = {"model_config": model_cfg.to_dict(), "model_kind": "causal_lm"}
-  pad_id = tokenizer.pad_token_id or 0
-
-  def train(steps: int, buckets, data, out: str, params, end_lr_ratio: float = 0.1):
-    cfg = TrainConfig(steps=steps, batch_size=node.batch_size, micro_batch_size=node.micro_batch_size,
-                      buckets=tuple(buckets), seed=config.seed, log_every=node.log_every,
-                      checkpoint_every=node.checkpoint_every, keep_checkpoints=1, pad_id=pad_id,
-                      group_by_length=True,
-                      optimizer=OptimizerConfig(learning_rate=node.learning_rate, warmup_steps=node.warmup_steps,
-                                                total_steps=steps, end_lr_ratio=end_lr_ratio, weight_decay=0.01))
-    trainer = Trainer(cfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=mesh, workdir=out, meta=meta)
-    try:
-      return trainer.run(data).params
-    finally:
-      trainer.close()
-
-  if node.copy_steps:  # phase 1: form copying heads on random sequences written twice
-    copies = copy_examples(node.copy_steps * node.batch_size, low=len(CHAT_TOKENS + TIR_TAGS),
-                           high=len(tokenizer), seed=config.seed, lengths=tuple(node.copy_lengths),
-                           sep=tokenizer.encode("\n")[0])
-    params = jax.device_get(train(node.copy_steps, (2 * node.copy_lengths[1] + 1,), copies,
-                                  wd.path("policy", "copy_phase"), params, end_lr_ratio=1.0))
-  train(node.steps, node.buckets, examples, wd.path("policy"), params)
+  cfg = TrainConfig(steps=node.steps, batch_size=node.batch_size, micro_batch_size=node.micro_batch_size,
+                    buckets=tuple(node.buckets), seed=config.seed, log_every=node.log_every,
+                    checkpoint_every=node.checkpoint_every, keep_checkpoints=1,
+                    pad_id=tokenizer.pad_token_id or 0, group_by_length=True,
+                    optimizer=OptimizerConfig(learning_rate=node.learning_rate, warmup_steps=node.warmup_steps,
+                                              total_steps=node.steps, end_lr_ratio=0.1, weight_decay=0.01))
+  trainer = Trainer(cfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=mesh, workdir=wd.path("policy"),
+                    meta={"model_config": model_cfg.to_dict(), "model_kind": "causal_lm"})
+  try:
+    trainer.run(examples)
+  finally:
+    trainer.close()
 
 
 @register_stage("export_policy")

@@ -1,4 +1,5 @@
-"""Stage 1 end to end on the smoke config, and a SIGKILL-and-rerun that loses and duplicates nothing."""
+"""The smoke config end to end (stages 1 and 2), and SIGKILL-and-rerun tests: stage 1 loses and
+duplicates nothing; trainers resume exactly."""
 
 import collections
 import json
@@ -32,7 +33,7 @@ def smoke_run(tmp_path_factory):
   return wd
 
 
-def test_smoke_stage1_writes_every_artifact(smoke_run):
+def test_smoke_run_writes_every_artifact(smoke_run):
   wd = smoke_run
   for name in ("candidates.jsonl", "scored.jsonl", "repairs.jsonl", "sft.jsonl", "pairs.jsonl",
                "report/stats.md", "report/stats.json", "report/score_total.png", "eval/base.json",
@@ -78,7 +79,8 @@ def test_sigkill_during_generation_and_repair_then_rerun(smoke_run, tmp_path):
   wd = tmp_path / "killed"
   env = {**os.environ}
   env.pop("XLA_FLAGS", None)
-  args = MAIN + [f"--config.workdir={wd}"]
+  stage1 = "--config.stages=('world','tokenizer','warmstart','generate','score','repair','datasets')"
+  args = MAIN + [f"--config.workdir={wd}", stage1]
   # Kill 1: once the first generation chunk is on disk, before generation completes.
   proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   assert _kill_when(proc, lambda: _lines(wd / "candidates.jsonl") >= 1 and not os.path.exists(wd / ".done" / "generate"))
@@ -86,7 +88,7 @@ def test_sigkill_during_generation_and_repair_then_rerun(smoke_run, tmp_path):
   # Kill 2: during repair.
   proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   killed = _kill_when(proc, lambda: _lines(wd / "repairs.jsonl") >= 1 and not os.path.exists(wd / ".done" / "repair"))
-  proc = run(wd)
+  proc = run(wd, stage1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   ref = {t.id: t for t in read_trajectories(smoke_run / "candidates.jsonl")}
   got = read_trajectories(wd / "candidates.jsonl")

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import re
-import time
 
 import pytest
 
@@ -47,11 +46,8 @@ def test_split_does_not_depend_on_other_split_sizes():
   assert one["train"] == two["train"]
 
 
-def test_write_world_is_fast_and_reads_back(tmp_path):
-  t0 = time.perf_counter()
+def test_write_world_reads_back(tmp_path):
   paths = write_world(tmp_path, 0)  # default: 4000 / 500 / 500 tasks, 1500 passages
-  elapsed = time.perf_counter() - t0
-  assert elapsed < 5.0, f"write_world took {elapsed:.2f}s"
   corpus = read_corpus(paths["corpus"])
   assert len(corpus) == 1500
   test = read_split(paths["test"])

@@ -7,10 +7,9 @@ broken tags, and answering without the tool (and getting it wrong). The same mod
 demo repairer: it is trained on repair demonstrations (question + flawed trajectory + the
 scorers' diagnosis -> the clean trajectory), so stage 1 runs with one small checkpoint.
 
-Solving a task means copying numbers and names from the question and the tool results. A model
-trained from scratch on trajectories alone takes thousands of steps to form the attention heads
-that copy (induction heads); mixing in sequences of random tokens written twice forms them in a
-few hundred steps (`copy_examples`).
+Solving a task is mostly copying names and numbers between the question, the tool calls and the
+results; the local tokenizer cuts numbers into 1-3 digit tokens that read the same wherever they
+stand, so a number is a few tokens to copy rather than one per digit.
 """
 
 from __future__ import annotations
@@ -24,10 +23,11 @@ from autotraj_jax.taskworld.render import reference_tool_outputs, render_referen
 from autotraj_jax.taskworld.task import Task
 from autotraj_jax.tir import prompts
 from autotraj_jax.tir.format import extract_answer
-from autotraj_jax.tir.trajectory import Segment, Trajectory
+from autotraj_jax.tir.trajectory import Segment, ToolCall, Trajectory
 
 _RESULT_RE = re.compile(r"\n<result>\n.*?\n</result>\n", re.DOTALL)
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_CALL_RE = re.compile(r"<(code|search)>(.*?)</\1>\s*$", re.DOTALL)
 
 FLAWS = ("hedge", "repeat_call", "failed_call", "verbose", "broken_tags", "guess")
 
@@ -114,28 +114,24 @@ def flawed(text: str, task: Task, flaw: str, rng: random.Random, *, failed_outpu
   raise ValueError(f"unknown flaw {flaw!r}")
 
 
-def to_trajectory(tokenizer, task: Task, prompt_ids: list[int], text: str, *, source: str) -> Trajectory:
-  """A Trajectory whose segments are `text` tokenised piece by piece (results as mask 0)."""
-  segs = []
+def to_trajectory(tokenizer, task: Task, prompt_ids: list[int], text: str, *, source: str,
+                  failed_outputs: Sequence[str] = ()) -> Trajectory:
+  """A Trajectory whose segments are `text` tokenised piece by piece (results as mask 0), with the
+  tool calls recorded as the rollout loop records them (a result in `failed_outputs` failed)."""
+  segs, calls = [], []
   for kind, piece in split_pieces(text):
     ids = list(tokenizer.encode(piece, add_special_tokens=False))
     segs.append(Segment(kind, ids, piece))
+    call = _CALL_RE.search(segs[-2].text) if kind == "tool" and len(segs) > 1 else None
+    if call:
+      output = piece.strip("\n")[len("<result>\n"):-len("\n</result>")]
+      calls.append(ToolCall(tool=call.group(1), input=call.group(2).strip("\n"), output=output,
+                            ok=output not in failed_outputs, elapsed_s=0.0))
   t = Trajectory(id=f"{source}/{task.id}", question_id=task.id, question=task.question,
-                 prompt_ids=list(prompt_ids), segments=segs, gold=task.answer, domain=task.domain,
-                 finish_reason="answer", provenance={"source": source})
+                 prompt_ids=list(prompt_ids), segments=segs, tool_calls=calls, gold=task.answer,
+                 domain=task.domain, finish_reason="answer", provenance={"source": source})
   t.answer = extract_answer(t.text)
   return t
-
-
-def copy_examples(n: int, *, low: int, high: int, lengths: tuple[int, int], seed: int,
-                  sep: int) -> list[dict[str, list[int]]]:
-  """`n` examples `x sep x` of random token ids in [low, high), loss on the second copy only."""
-  rng = random.Random(seed)
-  out = []
-  for _ in range(n):
-    x = [rng.randrange(low, high) for _ in range(rng.randint(*lengths))]
-    out.append({"tokens": x + [sep] + x, "loss_mask": [0] * (len(x) + 1) + [1] * len(x)})
-  return out
 
 
 def warmstart_examples(tokenizer, tasks: Sequence[Task], corpus: Any, *, rates: FlawRates, seed: int,
@@ -160,7 +156,7 @@ def warmstart_examples(tokenizer, tasks: Sequence[Task], corpus: Any, *, rates: 
       flaw = rng.choice(FLAWS)
       bad_text = flawed(clean, task, flaw, rng, failed_output=failed_output,
                         other_answers=answers_by_family[task.family])
-      bad = to_trajectory(tokenizer, task, p_ids, bad_text, source="demo-flawed")
+      bad = to_trajectory(tokenizer, task, p_ids, bad_text, source="demo-flawed", failed_outputs=(failed_output,))
       score_group([bad], PRESETS[scoring_preset])
       if bad.quality == HIGH:
         continue  # the scorers see nothing to repair

@@ -27,14 +27,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.backend = "jax"                      # 'jax' (in-process engine) or 'sglang'
   c.sglang = dict(url="", max_concurrency=32)
   c.data = dict(train_file="", validation_file="", test_file="")  # default: the generated world
-  c.world = dict(seed=0, train=2400, validation=100, test=200, families=("arith", "lookup", "combo"),
-                 difficulty=(1, 2), num_entities=1200)
-  c.tokenizer = dict(vocab_size=2048, num_tasks=1500)
+  c.world = dict(seed=0, train=6000, validation=100, test=200, families=("arith", "lookup", "combo"),
+                 difficulty=(1,), num_entities=1200)
+  c.tokenizer = dict(vocab_size=4096, num_tasks=1500)
   c.model = dict(preset="demo", tokenizer_dir="")
   # asset: a shipped warm-started policy to import ('' trains one here; see data_gen/demo_stages.py)
-  c.warmstart = dict(asset=DEMO_POLICY, num_tasks=2000, steps=200, batch_size=16, micro_batch_size=0, buckets=(256, 384, 512, 1024),
-                     learning_rate=2e-3, warmup_steps=30, log_every=10, checkpoint_every=100,
-                     repair_fraction=0.2, copy_steps=400, copy_lengths=(16, 64),
+  c.warmstart = dict(asset=DEMO_POLICY, num_tasks=5000, steps=1500, batch_size=16, micro_batch_size=0,
+                     buckets=(256, 384, 512, 1024), learning_rate=3e-3, warmup_steps=50, log_every=10,
+                     checkpoint_every=100, repair_fraction=0.2,
                      flaws=dict(hedge=0.12, repeat_call=0.08, failed_call=0.08, verbose=0.08,
                                 broken_tags=0.04, guess=0.25))
   c.policy = dict(name="demo-policy", checkpoint="", sglang_url="")
@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
               lora=dict(rank=0, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
   c.rl = dict(algo="grpo", init="sft_autotraj", rm="rm", split="train", max_questions=0, steps=20,
               prompts_per_step=8, samples_per_prompt=4, minibatches=2, micro_batch_size=0,
-              buckets=(1024,), learning_rate=1e-5, warmup_steps=0, grad_clip=1.0,
+              buckets=(384, 512, 1024), learning_rate=1e-4, warmup_steps=0, grad_clip=1.0,
               critic_learning_rate=5e-5, critic_warmup=2, checkpoint_every=5,
               clip_low=0.2, clip_high=0.28, agg="token-mean", scale_adv_by_std=True, filter_uniform_groups=False,
               kl_coef=0.0, kl_kind="k3", kl_in_reward=False, entropy_coef=0.0,

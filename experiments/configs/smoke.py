@@ -17,7 +17,7 @@ def get_config():
   c = base_config()
   c.stages = STAGE1 + STAGE2
   c.world.update(train=200, validation=20, test=16, num_entities=200)
-  c.warmstart.update(num_tasks=64, steps=4, copy_steps=2, batch_size=8, buckets=(512,), checkpoint_every=2,
+  c.warmstart.update(num_tasks=64, steps=4, batch_size=8, buckets=(512,), checkpoint_every=2,
                      log_every=1, warmup_steps=1)
   short = dict(max_tokens_per_turn=96, max_response_tokens=192)
   c.generate.update(num_queries=12, samples_per_query=2, chunk_queries=6, **short)

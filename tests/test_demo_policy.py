@@ -1,0 +1,65 @@
+"""Warm-start data of the demo policy: each controlled flaw is one the scorers catch, and the
+example mix follows the configured rates."""
+
+import random
+
+import pytest
+
+from autotraj_jax.taskworld import TaskWorld, make_splits, reference_tool_outputs, render_reference_trajectory
+from autotraj_jax.taskworld.demo_policy import FLAWS, FlawRates, flawed, to_trajectory, warmstart_examples
+from autotraj_jax.tir import prompts
+from autotraj_jax.tir.format import validate
+from data_gen.scoring import HIGH, LOW, PRESETS, WRONG, score_group
+
+FAILED = "Traceback (most recent call last):\nNameError: name 'total' is not defined"
+
+
+@pytest.fixture(scope="module")
+def tasks_and_corpus():
+  world = TaskWorld(seed=0, num_entities=300)
+  tasks = make_splits(0, {"train": 60, "validation": 1, "test": 1}, world=world, difficulty=(1,))["train"]
+  return tasks, world.corpus
+
+
+def _quality(tokenizer, task, text):
+  traj = to_trajectory(tokenizer, task, prompts.prompt_ids(tokenizer, task.question), text, source="t",
+                       failed_outputs=(FAILED,))
+  score_group([traj], PRESETS["autotraj"])
+  return traj
+
+
+@pytest.mark.parametrize("flaw", FLAWS)
+def test_each_flaw_is_caught_by_the_scorers(demo_tokenizer, tasks_and_corpus, flaw):
+  tasks, corpus = tasks_and_corpus
+  answers = [t.answer for t in tasks]
+  outs = reference_tool_outputs(tasks, corpus)
+  rng = random.Random(0)
+  for task, out in zip(tasks[:20], outs):
+    clean = render_reference_trajectory(task, out, corpus=corpus)
+    if flaw in ("repeat_call", "failed_call") and "<result>" not in clean:
+      continue
+    assert _quality(demo_tokenizer, task, clean).quality == HIGH
+    bad = flawed(clean, task, flaw, rng, failed_output=FAILED, other_answers=answers)
+    assert bad != clean
+    traj = _quality(demo_tokenizer, task, bad)
+    assert traj.quality in (LOW, WRONG), (flaw, bad, traj.scores)
+    if flaw == "guess":
+      assert traj.quality == WRONG
+    if flaw == "broken_tags":
+      assert validate(bad)
+
+
+def test_warmstart_mix_follows_the_rates(demo_tokenizer, tasks_and_corpus):
+  tasks, corpus = tasks_and_corpus
+  rates = FlawRates(hedge=0.0, repeat_call=0.0, failed_call=0.0, verbose=0.0, broken_tags=0.0, guess=0.5)
+  exs, counts = warmstart_examples(demo_tokenizer, tasks, corpus, rates=rates, seed=0, repair_fraction=0.0,
+                                   run_code=lambda src: FAILED)
+  assert len(exs) == len(tasks) == counts["clean"] + counts["guess"]
+  assert 0.25 < counts["guess"] / len(tasks) < 0.75
+  assert all(counts[f] == 0 for f in FLAWS if f != "guess") and counts["repair"] == 0
+  eos = demo_tokenizer.eos_token_id
+  for ex in exs:  # the model learns to stop, and never learns tool output
+    assert ex["tokens"][-1] == eos and ex["loss_mask"][-1] == 1
+  _, counts = warmstart_examples(demo_tokenizer, tasks, corpus, rates=FlawRates(), seed=0, repair_fraction=0.5,
+                                 run_code=lambda src: FAILED)
+  assert counts["repair"] > 0
