@@ -221,9 +221,9 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], rm: Mapping[str, Any] | N
 
   lines = ["# Results", "", "Greedy pass@1 on the held-out test questions (`eval/<name>.json`).", "",
            markdown_table(table_rows(rows, cell))]
-  missing = [f"`{r['eval']}`" for r in rows if r.get("missing")]
+  missing = [f"`{r['eval']}`" + (f" ({r['error']})" if r.get("error") else "") for r in rows if r.get("missing")]
   if missing:
-    lines += [f"Not evaluated in this run: {', '.join(missing)}.", ""]
+    lines += [f"Not evaluated in this run: {'; '.join(missing)}.", ""]
   if rm is not None:
     lines += ["## Reward model", ""]
     acc, margin = rm.get("pair_accuracy"), rm.get("pair_margin")
@@ -269,6 +269,9 @@ def _in_pipeline_order(info: Mapping[str, Any], stages: Sequence[str]) -> dict[s
 def results_stage(config, wd: Workdir) -> None:
   node = config.get("results") or {}
   rows = load_rows(wd.path("eval"), [tuple(r) for r in node.get("rows", ())])
+  for r in rows:
+    if r["missing"] and wd.skipped(r["eval"]):
+      r["error"] = f"not trained: {wd.skipped(r['eval'])}"
   with open(wd.path("results.json"), "w") as f:
     json.dump(rows, f, indent=2)
   plot_notes = make_plots(wd.root, tuple(node.get("curves", ())), os.path.join(wd.root, "plots"))

@@ -53,6 +53,21 @@ class Workdir:
       json.dump(info, f, indent=2)
     os.replace(tmp, os.path.join(self.root, ".done", stage))
 
+  def skip(self, model: str, reason: str) -> None:
+    """Records that the model `model` was not trained, and why: later stages and the results table
+    report the reason instead of failing on a missing checkpoint."""
+    log.warning("%s: not trained: %s", model, reason)
+    with open(self.path(model, "skipped.json"), "w") as f:
+      json.dump({"reason": reason}, f, indent=2)
+
+  def skipped(self, model: str) -> str | None:
+    """Why `model` was not trained, if it was skipped."""
+    try:
+      with open(os.path.join(self.root, model, "skipped.json")) as f:
+        return json.load(f)["reason"]
+    except FileNotFoundError:
+      return None
+
   def stage_info(self) -> dict[str, dict[str, Any]]:
     out = {}
     for name in sorted(os.listdir(os.path.join(self.root, ".done"))):

@@ -53,8 +53,14 @@ def test_smoke_run_writes_every_artifact(smoke_run):
   assert sorted(os.listdir(wd / ".done")) == sorted(stages)
   rows = json.loads((wd / "results.json").read_text())
   assert [r["eval"] for r in rows] == ["base", "sft_high_only", "sft_autotraj", "rl_outcome_format", "rl_autotraj"]
-  assert not any(r["missing"] for r in rows)
-  for name in ("results.md", "plots/rl_reward.png", "plots/rl_accuracy.png", "rm/eval.json", "rm/hf/config.json"):
+  rm = json.loads((wd / "rm" / "eval.json").read_text())
+  # A toy run may produce too few preference pairs for the RM: then it and the RL variant that needs
+  # it are recorded as not trained, with the reason, and every other row is still there.
+  for r in rows:
+    needs_rm = r["eval"] == "rl_autotraj"
+    assert not r["missing"] or (needs_rm and not rm["trained"] and "not trained" in r["error"]), r
+  assert (wd / "rm" / "hf" / "config.json").exists() == rm["trained"]
+  for name in ("results.md", "plots/rl_reward.png", "plots/rl_accuracy.png"):
     assert os.path.exists(wd / name), name
 
 

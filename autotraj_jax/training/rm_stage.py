@@ -389,7 +389,7 @@ def rm_stage(config, wd: Workdir) -> None:
   if len(train) < node.batch_size:
     reason = (f"{len(train)} training pairs, fewer than one batch of {node.batch_size}; generate more "
               f"candidates or lower rm.batch_size")
-    log.warning("rm: not trained: %s", reason)
+    wd.skip("rm", reason)
     _write_json(os.path.join(out_dir, "eval.json"), {"trained": False, "reason": reason, **summary})
     return
 
