@@ -138,6 +138,20 @@ def test_untrained_reward_model_is_reported(tmp_path):
   assert "Not trained: 3 training pairs." in md and "Pair accuracy (preferred trajectory scored higher): - on 1" in md
 
 
+def test_a_model_that_was_not_trained_is_reported_with_its_reason(tmp_path):
+  wd = Workdir(str(tmp_path / "run"))
+  assert wd.skipped("rl_autotraj") is None
+  wd.skip("rm", "0 training pairs")
+  wd.skip("rl_autotraj", f"its reward model 'rm' was not trained ({wd.skipped('rm')})")
+  results_stage(_config(), wd)
+  rows = {r["eval"]: r for r in json.loads(open(wd.path("results.json")).read())}
+  assert rows["rl_autotraj"]["missing"]
+  assert rows["rl_autotraj"]["error"] == "not trained: its reward model 'rm' was not trained (0 training pairs)"
+  assert "error" not in rows["sft_autotraj"]  # merely not evaluated: no reason to give
+  md = open(wd.path("results.md")).read()
+  assert "`rl_autotraj` (not trained: its reward model 'rm' was not trained (0 training pairs))" in md
+
+
 def test_load_rows_marks_unreadable_file_missing(tmp_path):
   (tmp_path / "bad.json").write_text("{not json")
   (tmp_path / "ok.json").write_text(json.dumps({"pass@1": 1, "note": "text", "flag": True}))
