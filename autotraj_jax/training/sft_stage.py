@@ -116,8 +116,9 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
   trajs = select_sft(list(iter_trajectories(wd.path("sft.jsonl"))), node.data)
   train, held = split_by_question(trajs, node.eval_fraction, config.seed)
   if not train:
-    raise ValueError(f"sft:{variant}: no training trajectories ({node.data}) in sft.jsonl; the policy "
-                     "solved nothing and no repair was accepted (see report/stats.md)")
+    wd.skip(f"sft_{variant}", f"no training trajectories ({node.data}) in sft.jsonl: the policy solved "
+            "nothing and no repair was accepted (see report/stats.md)")
+    return
   log.info("sft:%s: %d train / %d held-out trajectories (%s)", variant, len(train), len(held), node.data)
   examples = sft_examples(train, tokenizer.eos_token_id, mask_tool_results=node.mask_tool_results)
   if len(examples) < node.batch_size:  # a tiny set: repeat it to fill one batch
