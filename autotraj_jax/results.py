@@ -270,8 +270,8 @@ def results_stage(config, wd: Workdir) -> None:
   node = config.get("results") or {}
   rows = load_rows(wd.path("eval"), [tuple(r) for r in node.get("rows", ())])
   for r in rows:
-    if r["missing"] and wd.skipped(r["eval"]):
-      r["error"] = f"not trained: {wd.skipped(r['eval'])}"
+    if r["missing"] and (reason := wd.skipped(r["eval"])):
+      r["error"] = f"not trained: {reason}"
   with open(wd.path("results.json"), "w") as f:
     json.dump(rows, f, indent=2)
   plot_notes = make_plots(wd.root, tuple(node.get("curves", ())), os.path.join(wd.root, "plots"))

@@ -248,8 +248,8 @@ def eval_stage(config, wd: Workdir, variant: str = "") -> None:
   queries = load_split(config, wd, node.split, node.max_questions)
   name = variant or node.name
   model = None if not variant or variant == "base" or config.backend == "sglang" else variant
-  if model and wd.skipped(model):
-    log.warning("eval %s: skipped, the model was not trained (%s)", name, wd.skipped(model))
+  if model and (reason := wd.skipped(model)):
+    log.warning("eval %s: skipped, the model was not trained (%s)", name, reason)
     return
   tokenizer, backend = make_backend(config, wd, "policy", model=model)
   tools = make_tools(config, wd)

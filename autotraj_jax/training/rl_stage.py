@@ -144,8 +144,8 @@ def rl_stage(config, wd: Workdir, variant: str) -> None:
   cfg = rl_config(node)
   rcfg = reward_config(node)
   for needed, role in ((node.init, "starting policy"), (node.rm if rcfg.uses_rm else None, "reward model")):
-    if needed and wd.skipped(needed):
-      wd.skip(f"rl_{variant}", f"its {role} '{needed}' was not trained ({wd.skipped(needed)})")
+    if needed and (reason := wd.skipped(needed)):
+      wd.skip(f"rl_{variant}", f"its {role} '{needed}' was not trained ({reason})")
       return
   out_dir = wd.path(f"rl_{variant}")
   tokenizer = load_tokenizer_for(config, wd)

@@ -386,13 +386,14 @@ def rm_stage(config, wd: Workdir) -> None:
   # `pairs`: the held-out pairs behind `pair_accuracy` (what the results table cites).
   summary: dict[str, Any] = {"pairs": len(held), "train_pairs": len(train), "total_pairs": len(records),
                              "init": node.init}
-  if wd.skipped(node.init):
-    wd.skip("rm", f"its starting policy '{node.init}' was not trained ({wd.skipped(node.init)})")
-    _write_json(os.path.join(out_dir, "eval.json"), {"trained": False, "reason": wd.skipped("rm"), **summary})
-    return
-  if len(train) < node.batch_size:
+  if init_reason := wd.skipped(node.init):
+    reason = f"its starting policy '{node.init}' was not trained ({init_reason})"
+  elif len(train) < node.batch_size:
     reason = (f"{len(train)} training pairs, fewer than one batch of {node.batch_size}; generate more "
               f"candidates or lower rm.batch_size")
+  else:
+    reason = None
+  if reason:
     wd.skip("rm", reason)
     _write_json(os.path.join(out_dir, "eval.json"), {"trained": False, "reason": reason, **summary})
     return
