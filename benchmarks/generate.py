@@ -2,7 +2,7 @@
 when given, an SGLang / sglang-jax server, on the same random weights.
 
     python benchmarks/generate.py [--presets demo,bench-0.5b] [--batches 1,8,32]
-                                  [--prompt-len 64] [--new-tokens 64] [--sglang-url URL]
+                                  [--prompt-len 64] [--new-tokens 64] [--top-p P] [--sglang-url URL]
     python benchmarks/generate.py --start-sglang   # launches sglang-jax on each model (CPU)
 
 Prints one table (tokens/s of new tokens, all rows of the batch) with the ratio to our engine,
@@ -40,11 +40,12 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
   return 2 * a.nbytes * 3 / (time.perf_counter() - t)
 
 
-def requests(batch: int, prompt_len: int, new_tokens: int, vocab: int):
+def requests(batch: int, prompt_len: int, new_tokens: int, vocab: int, top_p: float | None = None):
+  """Greedy, or sampled at temperature 1 with nucleus `top_p`."""
   rng = np.random.default_rng(0)
-  return [GenerationRequest(rng.integers(10, vocab, prompt_len).tolist(),
-                            SamplingParams(temperature=0.0, max_new_tokens=new_tokens))
-          for _ in range(batch)]
+  sampling = (SamplingParams(temperature=0.0, max_new_tokens=new_tokens) if top_p is None else
+              SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=new_tokens, seed=0))
+  return [GenerationRequest(rng.integers(10, vocab, prompt_len).tolist(), sampling) for _ in range(batch)]
 
 
 def time_engine(engine, reqs, new_tokens):
@@ -61,7 +62,10 @@ def time_transformers(hf_dir, reqs, new_tokens, dtype):
   torch.set_num_threads(os.cpu_count())
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
   ids = torch.tensor([r.prompt_ids for r in reqs])
-  kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+  s = reqs[0].sampling
+  kw = dict(do_sample=s.temperature > 0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+  if s.temperature > 0:
+    kw.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
   with torch.no_grad():
     model.generate(ids, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)  # warm up
     t = time.perf_counter()
@@ -86,6 +90,8 @@ def main():
   p.add_argument("--batches", default="1,8,32")
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--top-p", type=float, default=None, help="sample at temperature 1 with this top-p "
+                 "(default: greedy)")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--torch-dtypes", default="float32,bfloat16")
   p.add_argument("--sglang-url", default=None, help="a running server that serves the same weights")
@@ -94,7 +100,8 @@ def main():
   batches = [int(b) for b in args.batches.split(",")]
   bw = copy_bandwidth()
   print(f"backend={jax.default_backend()} copy bandwidth={bw / 1e9:.1f} GB/s "
-        f"prompt={args.prompt_len} new={args.new_tokens} (tokens/s of generated tokens)")
+        f"prompt={args.prompt_len} new={args.new_tokens} "
+        f"{'greedy' if args.top_p is None else f'sampled top_p={args.top_p}'} (tokens/s of generated tokens)")
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     tok_dir = os.path.join(tmp, "tok")
@@ -111,7 +118,7 @@ def main():
                          config=EngineConfig(new_token_buckets=(args.new_tokens,), chunk_steps=args.new_tokens))
       results = {}
       for b in batches:
-        reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)))
+        reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)), args.top_p)
         row = {"model": preset, "batch": b, "jax": time_engine(engine, reqs, args.new_tokens)}
         if not args.no_torch:
           for dt in args.torch_dtypes.split(","):
@@ -128,7 +135,7 @@ def main():
       try:
         for b, row in results.items():
           if url:
-            reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)))
+            reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)), args.top_p)
             row["sglang"] = time_sglang(url, tokenizer, reqs)
           row["b1_bound"] = bound if b == 1 else float("nan")
           rows.append(row)

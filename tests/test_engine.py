@@ -7,6 +7,7 @@ import transformers
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.engine import EngineConfig, GenerationRequest, JaxEngine, SamplingParams
+from autotraj_jax.engine.jax_engine import _cutoff
 from autotraj_jax.models import causal_mask, init_model, merge
 from autotraj_jax.models.hf import load_hf
 
@@ -89,6 +90,31 @@ def test_top_k_one_is_greedy(engine, demo_tokenizer):
   a = engine.generate([GenerationRequest(p, greedy(16))])[0]
   b = engine.generate([GenerationRequest(p, SamplingParams(temperature=1.0, top_k=1, max_new_tokens=16, seed=5))])[0]
   assert a.token_ids == b.token_ids
+
+
+def _sorted_cutoff(x, top_p, top_k):
+  """Reference nucleus/top-k: keep the largest tokens while the mass above each is < top_p."""
+  order = np.sort(x)[::-1]
+  p = np.exp(order - order.max())
+  p /= p.sum()
+  above = np.cumsum(p) - p
+  n = len(x) if top_p >= 1.0 else int(np.sum(above < top_p))
+  if top_k > 0:
+    n = min(n, top_k)
+  return order[n - 1]
+
+
+def test_top_p_top_k_cutoff_matches_sorting():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(48, 512)) * rng.uniform(0.3, 6.0, size=(48, 1))
+  top_p = rng.choice([0.3, 0.9, 0.95, 1.0], 48)
+  top_k = rng.choice([-1, -1, 1, 7, 100], 48)
+  got = np.asarray(_cutoff(jnp.asarray(x, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                           jnp.asarray(top_k, jnp.int32)))[:, 0]
+  want = np.array([_sorted_cutoff(r.astype(np.float32), tp, k) for r, tp, k in zip(x, top_p, top_k)])
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  kept = (x.astype(np.float32) >= got[:, None]).sum(-1)
+  assert np.all(kept[top_k == 1] == 1) and np.all(kept[(top_p == 1.0) & (top_k < 0)] == 512)
 
 
 def test_stop_string_split_across_tokens(engine, demo_tokenizer):

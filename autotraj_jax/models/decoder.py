@@ -20,8 +20,10 @@ from autotraj_jax.models.config import ModelConfig
 
 
 class LayerCache(NamedTuple):
-  k: jax.Array  # [B, S, K, H]
-  v: jax.Array  # [B, S, K, H]
+  # Heads before slots: a decode step then reads each head's keys as one contiguous [S, H]
+  # matrix (with [B, S, K, H], XLA on CPU transposes the whole cache every step).
+  k: jax.Array  # [B, K, S, H]
+  v: jax.Array  # [B, K, S, H]
 
 
 Cache = list[LayerCache]
@@ -30,7 +32,7 @@ Cache = list[LayerCache]
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
   """Zeroed KV cache with `max_len` slots per sequence."""
   dtype = dtype or cfg.jnp_dtype
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
 
@@ -101,15 +103,28 @@ class Attention(nnx.Module):
     q = rope(self.q_proj(x_BLD, dt), positions_BL, cfg.rope_theta)
     k = rope(self.k_proj(x_BLD, dt), positions_BL, cfg.rope_theta)
     v = self.v_proj(x_BLD, dt)
-    if cache is not None:
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-      v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-      cache = LayerCache(k, v)
-    # GQA, fp32 softmax, masked by slot; XLA on CPU/TPU, cuDNN flash attention where available.
-    out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask_BLS[:, None],
-                                       implementation=cfg.attention_impl)
-    return self.o_proj(out, dt), cache
+    if cache is None:
+      # GQA, fp32 softmax; XLA on CPU/TPU, cuDNN flash attention where available.
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask_BLS[:, None], implementation=cfg.attention_impl)
+      return self.o_proj(out, dt), None
+    start = (0, 0, cache_index, 0)
+    k = jax.lax.dynamic_update_slice(cache.k, k.swapaxes(1, 2).astype(cache.k.dtype), start)
+    v = jax.lax.dynamic_update_slice(cache.v, v.swapaxes(1, 2).astype(cache.v.dtype), start)
+    out = cached_attention(q, k.astype(dt), v.astype(dt), mask_BLS)
+    return self.o_proj(out, dt), LayerCache(k, v)
+
+
+def cached_attention(q_BLNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BLS: jax.Array) -> jax.Array:
+  """GQA attention over a slot-major KV cache (query head n reads kv head n // (N / K)), fp32
+  softmax, masked by slot; the same function as `jax.nn.dot_product_attention` on [B, S, K, H]."""
+  B, L, N, H = q_BLNH.shape
+  K = k_BKSH.shape[1]
+  q = q_BLNH.reshape(B, L, K, N // K, H)
+  s = jnp.einsum("blkgh,bksh->bkgls", q, k_BKSH, preferred_element_type=jnp.float32) * H ** -0.5
+  s = jnp.where(mask_BLS[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BKSH.dtype)
+  out = jnp.einsum("bkgls,bksh->blkgh", p, v_BKSH)
+  return out.reshape(B, L, N, H)
 
 
 class MLP(nnx.Module):
