@@ -12,8 +12,11 @@ STAGE2 = ("eval:base", "sft:high_only", "eval:sft_high_only", "sft:autotraj", "e
 
 
 def rollout(**kw) -> dict:
-  base = dict(temperature=1.0, top_p=1.0, max_tool_calls=3, max_tokens_per_turn=256,
-              max_response_tokens=640, max_tool_output_chars=600)
+  # The demo policy's correct trajectories stay under ~260 tokens and its turns under ~60; a
+  # turn cut at 96 tokens just continues next round, so one runaway row no longer holds a batch
+  # of 64 for 256 decode steps.
+  base = dict(temperature=1.0, top_p=1.0, max_tool_calls=3, max_tokens_per_turn=96,
+              max_response_tokens=384, max_tool_output_chars=600)
   base.update(kw)
   return base
 
@@ -39,8 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
                                 broken_tags=0.04, guess=0.25))
   c.policy = dict(name="demo-policy", checkpoint="", sglang_url="")
   c.repairer = dict(name="demo-policy", checkpoint="", sglang_url="")  # the demo policy repairs too
-  c.engine = dict(batch_buckets=(1, 4, 16, 64), prompt_buckets=(256, 512, 1024, 2048),
-                  new_token_buckets=(256, 512), chunk_steps=32)
+  c.engine = dict(batch_buckets=(1, 4, 16, 64), prompt_buckets=(128, 256, 384, 512, 768, 1024, 2048),
+                  new_token_buckets=(96, 256, 512), chunk_steps=32)
   c.tools = dict(names=("code", "search"), code_timeout_s=5.0, code_workers=2, search_top_k=1,
                  search_url="", corpus="")
   c.generate = dict(split="train", num_queries=300, samples_per_query=4, chunk_queries=64,
@@ -62,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
               lora=dict(rank=0, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
   c.rl = dict(algo="grpo", init="sft_autotraj", rm="rm", split="train", max_questions=0, steps=20,
               prompts_per_step=8, samples_per_prompt=4, minibatches=2, micro_batch_size=0,
-              buckets=(384, 512, 1024), learning_rate=1e-4, warmup_steps=0, grad_clip=1.0,
+              buckets=(256, 384, 512), learning_rate=1e-4, warmup_steps=0, grad_clip=1.0,
               critic_learning_rate=5e-5, critic_warmup=2, checkpoint_every=5,
               clip_low=0.2, clip_high=0.28, agg="token-mean", scale_adv_by_std=True, filter_uniform_groups=False,
               kl_coef=0.0, kl_kind="k3", kl_in_reward=False, entropy_coef=0.0,
