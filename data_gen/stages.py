@@ -183,14 +183,20 @@ def score_stage(config, wd: Workdir) -> None:
   build.write_jsonl(wd.path("scored.jsonl"), scored)
 
 
+def repair_queue(scored: list[Trajectory], max_originals: int = 0) -> list[Trajectory]:
+  """The originals to repair, in order: correct-but-low-quality ones first (AutoTraj's main
+  case, and the likelier to be repaired, so a `max_originals` budget buys the most pairs),
+  then wrong ones; `max_originals` > 0 keeps that many."""
+  queue = [t for t in scored if t.quality == scoring.LOW] + [t for t in scored if t.quality == scoring.WRONG]
+  return queue[:max_originals] if max_originals > 0 else queue
+
+
 @register_stage("repair")
 def repair_stage(config, wd: Workdir) -> None:
   """One JSONL line per repaired original (accepted repair or hard case with reasons)."""
   node = config.repair
   scored = list(iter_trajectories(wd.path("scored.jsonl")))
-  todo_all = [t for t in scored if t.quality in (scoring.LOW, scoring.WRONG)]
-  if node.get("max_originals"):
-    todo_all = todo_all[:node.max_originals]
+  todo_all = repair_queue(scored, node.get("max_originals", 0))
   out = wd.path("repairs.jsonl")
   done = set()
   if os.path.exists(out):

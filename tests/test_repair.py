@@ -52,3 +52,13 @@ def test_repair_sees_trajectory_and_diagnosis_and_is_verified(demo_tokenizer):
   assert rep.answer == "42" and [s.kind for s in rep.segments] == ["model", "tool", "model"]
   assert not out_wrong.accepted and len(out_wrong.attempts) == 2
   assert "wrong answer" in out_wrong.attempts[-1][1]
+
+
+def test_repair_queue_takes_low_quality_originals_first_within_the_budget():
+  from data_gen.scoring import HIGH
+  from data_gen.stages import repair_queue
+  qualities = [WRONG, HIGH, WRONG, LOW, WRONG, LOW, HIGH]
+  scored = [Trajectory(id=f"t{i}", question_id=f"q{i}", question="?", prompt_ids=[1], quality=q)
+            for i, q in enumerate(qualities)]
+  assert [t.id for t in repair_queue(scored)] == ["t3", "t5", "t0", "t2", "t4"]
+  assert [t.id for t in repair_queue(scored, 3)] == ["t3", "t5", "t0"]

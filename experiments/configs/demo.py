@@ -9,9 +9,9 @@ set, the preference pairs and the stats report (report/). Stage 2: evaluates the
 SFT on high-quality only, AutoTraj SFT (high-quality + repaired), trains the Bradley-Terry RM on
 the pairs, runs GRPO with outcome + format rewards and with outcome + format + RM from the
 AutoTraj SFT policy, evaluates each on held-out test questions and writes results.json,
-results.md and plots/. Expected runtime on a 2-core CPU: about 35-40 minutes (generation and
-repair about 6 minutes each, each GRPO variant about 6.5, each evaluation about 1.5). Expected
-result: the five-row table in results.md, all rows near 26-29% (figures of a run are in the README).
+results.md and plots/. Expected runtime on a quiet 2-core CPU: about 16 minutes (generation 1.5,
+repair 2.5, each evaluation 0.5, each SFT 1.2, the RM 1, each GRPO variant 3). Expected result:
+the five-row table in results.md, all rows near 26-30% (figures of runs are in the README).
 """
 
 import os
@@ -24,5 +24,5 @@ from common import STAGE1, STAGE2, base_config  # noqa: E402
 def get_config():
   c = base_config()
   c.stages = STAGE1 + STAGE2
-  c.repair.max_originals = 240  # of ~950 low/wrong candidates: repairing all would take ~35 min
+  c.repair.max_originals = 240  # all ~60 low-quality + the first wrong ones; all ~950 would take ~10 min
   return c
