@@ -270,6 +270,25 @@ def test_ids_that_disagree_with_logprobs_are_rejected():
     b.generate([req(1)])
 
 
+def test_logprob_entries_sent_twice_keep_the_tail_that_matches_the_output():
+  # What sglang-jax 0.1.0rc0 sometimes returns: the first entries, then all of them again.
+  def reply(body, attempt):
+    out = _output([1, 2, 3, EOS], {"type": "stop", "matched": EOS})
+    lps = out["meta_info"]["output_token_logprobs"]
+    out["meta_info"]["output_token_logprobs"] = lps[:2] + lps
+    return 200, out
+  with backend_for(FakeSGLang(reply)) as b:
+    (c,) = b.generate([req(1)])
+  assert c.token_ids == [1, 2, 3, EOS] and c.logprobs == [-0.25, -0.5, -0.75, -1.0]
+
+  def shifted(body, attempt):  # a tail that is not the output is still refused
+    out = reply(body, attempt)[1]
+    out["meta_info"]["output_token_logprobs"][-1][1] = 7
+    return 200, out
+  with backend_for(FakeSGLang(shifted)) as b, pytest.raises(SGLangGenerationError, match="disagree"):
+    b.generate([req(1)])
+
+
 def test_seeds_on_a_deterministic_server():
   fake = FakeSGLang(deterministic=True)
   hot = SamplingParams(temperature=1.0, max_new_tokens=2)

@@ -96,6 +96,12 @@ def parse_response(req: GenerationRequest, data: Any, tokenizer: Decoder) -> Com
   entries = meta.get("output_token_logprobs")
   if entries is not None:  # the sampler's own record of what it drew: cross-check the ids
     lp_ids = [int(e[1]) for e in entries]
+    if ids and len(lp_ids) > len(ids) and lp_ids[len(lp_ids) - len(ids):] == ids:
+      # sglang-jax 0.1.0rc0 now and then sends a request's early logprob entries twice (the
+      # list is the first k entries, then all of them); the tail is the record of the output.
+      logger.warning("server repeated %d logprob entries before the %d of its output; kept the tail",
+                  len(lp_ids) - len(ids), len(ids))
+      entries, lp_ids = entries[len(lp_ids) - len(ids):], ids
     if lp_ids != ids:
       raise SGLangResponseError(
           f"output_ids ({len(ids)} tokens) disagree with the ids in output_token_logprobs "
