@@ -9,8 +9,8 @@ set, the preference pairs and the stats report (report/). Stage 2: evaluates the
 SFT on high-quality only, AutoTraj SFT (high-quality + repaired), trains the Bradley-Terry RM on
 the pairs, runs GRPO with outcome + format rewards and with outcome + format + RM from the
 AutoTraj SFT policy, evaluates each on held-out test questions and writes results.json,
-results.md and plots/. Expected runtime on a quiet 2-core CPU: about 16 minutes (generation 1.5,
-repair 2.5, each evaluation 0.5, each SFT 1.2, the RM 1, each GRPO variant 3). Expected result:
+results.md and plots/. Expected runtime on a quiet 2-core CPU: about 15 minutes (generation 1.5,
+repair 2.5, each evaluation 0.3, each SFT 1.1, the RM 1.5, each GRPO variant 2.6). Expected result:
 the five-row table in results.md, all rows near 26-30% (figures of runs are in the README).
 """
 
