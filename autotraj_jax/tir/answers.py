@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import gc
 import logging
 import multiprocessing
 import re
@@ -275,7 +276,16 @@ def _run_verify(gold: str, pred: str) -> bool | None:
   inline = _MATH.mode == "inline" or (
       _MATH.mode == "auto" and threading.current_thread() is threading.main_thread())
   if inline:
-    return _verify_worker(gold, pred, timeout_s)
+    # math-verify's SIGALRM timeout raises wherever Python happens to be; inside a gc callback
+    # (JAX registers one) the exception is swallowed and the check runs on unbounded. So no
+    # automatic gc during the check.
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+      return _verify_worker(gold, pred, timeout_s)
+    finally:
+      if gc_was_on:
+        gc.enable()
   # Two parses and a comparison, each bounded inside the worker; the slack covers worker start.
   outer_s = 3 * timeout_s + 30
   for _ in range(2):  # a second try if another thread just replaced the pool
