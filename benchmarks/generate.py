@@ -116,9 +116,11 @@ def main():
       bound = bw / weight_bytes
       engine = JaxEngine(graphdef, params, cfg, tokenizer,
                          config=EngineConfig(new_token_buckets=(args.new_tokens,), chunk_steps=args.new_tokens))
+      make_reqs = lambda b: requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)),
+                                     args.top_p)
       results = {}
       for b in batches:
-        reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)), args.top_p)
+        reqs = make_reqs(b)
         row = {"model": preset, "batch": b, "jax": time_engine(engine, reqs, args.new_tokens)}
         if not args.no_torch:
           for dt in args.torch_dtypes.split(","):
@@ -135,8 +137,7 @@ def main():
       try:
         for b, row in results.items():
           if url:
-            reqs = requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)), args.top_p)
-            row["sglang"] = time_sglang(url, tokenizer, reqs)
+            row["sglang"] = time_sglang(url, tokenizer, make_reqs(b))
           row["b1_bound"] = bound if b == 1 else float("nan")
           rows.append(row)
           print(_fmt(row), flush=True)
@@ -145,8 +146,8 @@ def main():
           server.__exit__(None, None, None)
       del engine, params
   print()
-  print("| model | batch | ours tok/s | " + " | ".join(k for k in rows[0] if k not in ("model", "batch", "jax", "b1_bound"))
-        + " | batch-1 bound tok/s |")
+  others = [k for k in rows[0] if k not in ("model", "batch", "jax", "b1_bound")]
+  print("| " + " | ".join(["model", "batch", "ours tok/s", *others, "batch-1 bound tok/s"]) + " |")
   for r in rows:
     print(_fmt(r, md=True))
 

@@ -100,7 +100,7 @@ def parse_response(req: GenerationRequest, data: Any, tokenizer: Decoder) -> Com
       # sglang-jax 0.1.0rc0 now and then sends a request's early logprob entries twice (the
       # list is the first k entries, then all of them); the tail is the record of the output.
       logger.warning("server repeated %d logprob entries before the %d of its output; kept the tail",
-                  len(lp_ids) - len(ids), len(ids))
+                     len(lp_ids) - len(ids), len(ids))
       entries, lp_ids = entries[len(lp_ids) - len(ids):], ids
     if lp_ids != ids:
       raise SGLangResponseError(
