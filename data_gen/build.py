@@ -15,7 +15,7 @@ import os
 from typing import Any, Iterable, Sequence
 
 from autotraj_jax.tir.trajectory import JsonlAppender, Trajectory
-from data_gen.scoring import HIGH, LOW, WRONG
+from autotraj_jax.scoring import HIGH, LOW, WRONG
 
 
 def response_key(t: Trajectory) -> str:

@@ -12,24 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+from autotraj_jax.scoring import LOW, WRONG, ScoringConfig, is_correct, score_group
 from autotraj_jax.tir import prompts
 from autotraj_jax.tir.rollout import Query, RolloutConfig, run_rollouts
 from autotraj_jax.tir.tools import Tool
 from autotraj_jax.tir.trajectory import Trajectory
-from data_gen.scoring import HIGH, LOW, WRONG, ScoringConfig, is_correct, score_group
-
-LOW_QUALITY_SYSTEM = (
-    "Rewrite a tool-use solution. Below are a question, an earlier solution that gets the right "
-    "answer but is poorly written, and a reviewer's notes. Write a new solution from scratch: brief "
-    "reasoning in <think> </think> without hedging, <code> or <search> only when needed (at most "
-    "three calls), and one final <answer>The final answer is \\boxed{...}</answer>.")
-
-WRONG_ANSWER_SYSTEM = (
-    "Rewrite a tool-use solution. Below are a question, an earlier solution that gets a wrong "
-    "answer, and a reviewer's notes. Find the mistake (misreading, logic, arithmetic or tool misuse) "
-    "and write a new, correct solution from scratch: brief reasoning in <think> </think>, <code> or "
-    "<search> when needed (at most three calls), and one final "
-    "<answer>The final answer is \\boxed{...}</answer>.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,19 +28,6 @@ class RepairConfig:
   require_improvement: bool = True
   rollout: RolloutConfig = RolloutConfig()
   retry_temperature: float = 0.7         # attempts after the first sample at this temperature
-
-
-def repair_messages(orig: Trajectory, show_gold: bool) -> list[dict[str, str]]:
-  """The repairer's chat: which prompt depends on the failure; the user turn holds the question,
-  the scored trajectory and its diagnosis (and the gold answer only if asked)."""
-  system = WRONG_ANSWER_SYSTEM if orig.quality == WRONG else LOW_QUALITY_SYSTEM
-  notes = orig.diagnosis or ["no specific problem found; make it clearer and shorter"]
-  user = (f"Question:\n{orig.question}\n\nEarlier solution:\n{orig.text.strip()}\n\n"
-          "Reviewer notes:\n" + "\n".join(f"- {n}" for n in notes))
-  if show_gold and orig.gold is not None:
-    user += f"\n\nThe correct final answer is {orig.gold}."
-  user += "\n\nWrite the improved solution."
-  return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 @dataclasses.dataclass
@@ -70,6 +44,14 @@ class RepairOutcome:
     return {"original_id": self.original.id, "accepted": self.accepted,
             "repaired": self.repaired.to_dict() if self.repaired else None,
             "attempts": [{"trajectory": t.to_dict(), "reasons": r} for t, r in self.attempts]}
+
+
+def repair_queue(scored: list[Trajectory], max_originals: int = 0) -> list[Trajectory]:
+  """The originals to repair, in order: correct-but-low-quality ones first (AutoTraj's main
+  case, and the likelier to be repaired, so a `max_originals` budget buys the most pairs),
+  then wrong ones; `max_originals` > 0 keeps that many."""
+  queue = [t for t in scored if t.quality == LOW] + [t for t in scored if t.quality == WRONG]
+  return queue[:max_originals] if max_originals > 0 else queue
 
 
 def judge(orig: Trajectory, repaired: Trajectory, scoring: ScoringConfig, cfg: RepairConfig) -> list[str]:
@@ -108,7 +90,7 @@ def repair(backend, tokenizer, tools: Mapping[str, Tool], originals: Sequence[Tr
     queries = [Query(id=o.id, question=o.question, gold=o.gold, domain=o.domain) for o in pending]
 
     def build(q: Query) -> list[int]:
-      return _chat_ids(tokenizer, repair_messages(by_id[q.id], cfg.show_gold))
+      return prompts.chat_ids(tokenizer, prompts.repair_messages(by_id[q.id], cfg.show_gold))
 
     trajs = run_rollouts(backend, tokenizer, queries, tools, rcfg, id_prefix="", prompt_builder=build,
                          progress=progress, provenance={"source": "repaired"})
@@ -125,11 +107,4 @@ def repair(backend, tokenizer, tools: Mapping[str, Tool], originals: Sequence[Tr
   return [outcomes[o.id] for o in todo]
 
 
-def _chat_ids(tokenizer, messages) -> list[int]:
-  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-  if hasattr(ids, "keys"):
-    ids = ids["input_ids"]
-  return list(ids)
-
-
-__all__ = ["RepairConfig", "RepairOutcome", "repair", "repair_messages", "judge", "HIGH", "LOW", "WRONG"]
+__all__ = ["RepairConfig", "RepairOutcome", "judge", "repair", "repair_queue"]

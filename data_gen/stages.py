@@ -20,8 +20,9 @@ from autotraj_jax.engine.backend import SamplingParams
 from autotraj_jax.stages import Workdir, register_stage
 from autotraj_jax.tir.rollout import Query, RolloutConfig, run_rollouts
 from autotraj_jax.tir.trajectory import JsonlAppender, Trajectory, iter_trajectories
-from data_gen import build, scoring
-from data_gen.repair import RepairConfig, repair
+from autotraj_jax import scoring
+from data_gen import build
+from data_gen.repair import RepairConfig, repair, repair_queue
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,6 @@ def score_stage(config, wd: Workdir) -> None:
     scoring.score_group(g, cfg)
     scored += g
   build.write_jsonl(wd.path("scored.jsonl"), scored)
-
-
-def repair_queue(scored: list[Trajectory], max_originals: int = 0) -> list[Trajectory]:
-  """The originals to repair, in order: correct-but-low-quality ones first (AutoTraj's main
-  case, and the likelier to be repaired, so a `max_originals` budget buys the most pairs),
-  then wrong ones; `max_originals` > 0 keeps that many."""
-  queue = [t for t in scored if t.quality == scoring.LOW] + [t for t in scored if t.quality == scoring.WRONG]
-  return queue[:max_originals] if max_originals > 0 else queue
 
 
 @register_stage("repair")

@@ -3,8 +3,9 @@ from autotraj_jax.tir import prompts
 from autotraj_jax.tir.format import extract_answer
 from autotraj_jax.tir.rollout import RolloutConfig
 from autotraj_jax.tir.trajectory import Segment, Trajectory
-from data_gen.repair import RepairConfig, _chat_ids, repair, repair_messages
-from data_gen.scoring import LOW, PRESETS, WRONG, score_group
+from autotraj_jax.tir.prompts import chat_ids as _chat_ids, repair_messages
+from data_gen.repair import RepairConfig, repair
+from autotraj_jax.scoring import LOW, PRESETS, WRONG, score_group
 
 from scripted_backend import ScriptedBackend
 from test_rollout import EchoTool
@@ -55,8 +56,8 @@ def test_repair_sees_trajectory_and_diagnosis_and_is_verified(demo_tokenizer):
 
 
 def test_repair_queue_takes_low_quality_originals_first_within_the_budget():
-  from data_gen.scoring import HIGH
-  from data_gen.stages import repair_queue
+  from autotraj_jax.scoring import HIGH
+  from data_gen.repair import repair_queue
   qualities = [WRONG, HIGH, WRONG, LOW, WRONG, LOW, HIGH]
   scored = [Trajectory(id=f"t{i}", question_id=f"q{i}", question="?", prompt_ids=[1], quality=q)
             for i, q in enumerate(qualities)]

@@ -4,7 +4,7 @@ import pytest
 
 from autotraj_jax.tir.format import extract_answer
 from autotraj_jax.tir.trajectory import Segment, ToolCall, Trajectory
-from data_gen.scoring import HIGH, LOW, WRONG, PRESETS, ScoringConfig, score_group
+from autotraj_jax.scoring import HIGH, LOW, WRONG, PRESETS, ScoringConfig, score_group
 
 REF = PRESETS["reference"]
 

@@ -19,6 +19,7 @@ import random
 import re
 from typing import Any, Callable, Sequence
 
+from autotraj_jax.scoring import HIGH, PRESETS, score_group
 from autotraj_jax.taskworld.render import reference_tool_outputs, render_reference_trajectory
 from autotraj_jax.taskworld.task import Task
 from autotraj_jax.tir import prompts
@@ -138,8 +139,6 @@ def warmstart_examples(tokenizer, tasks: Sequence[Task], corpus: Any, *, rates: 
                        repair_fraction: float, run_code: Callable[[str], str],
                        scoring_preset: str = "autotraj") -> tuple[list[dict[str, list[int]]], dict[str, int]]:
   """Training examples ({tokens, loss_mask}) for the demo policy + repairer, and their counts."""
-  from data_gen.repair import _chat_ids, repair_messages
-  from data_gen.scoring import HIGH, PRESETS, score_group
 
   rng = random.Random(seed)
   outputs = reference_tool_outputs(tasks, corpus)
@@ -160,7 +159,7 @@ def warmstart_examples(tokenizer, tasks: Sequence[Task], corpus: Any, *, rates: 
       score_group([bad], PRESETS[scoring_preset])
       if bad.quality == HIGH:
         continue  # the scorers see nothing to repair
-      r_ids = _chat_ids(tokenizer, repair_messages(bad, show_gold=False))
+      r_ids = prompts.chat_ids(tokenizer, prompts.repair_messages(bad, show_gold=False))
       good = to_trajectory(tokenizer, task, r_ids, clean, source="demo-repair")
       ex = good.training_example()
       counts["repair"] += 1
