@@ -4,11 +4,17 @@ Layout: `DIR/<step>/{params, opt_state, rng, data, meta}` managed by an orbax
 CheckpointManager. Params are saved as a pure nested dict, so a checkpoint written on one
 mesh restores onto any other (arrays are laid out by the target shardings on restore).
 `meta` is a JSON blob: model config, model kind, training config, anything else.
+
+Multi-host: every process calls `save` and `restore` (orbax writes each array once, from the
+process that holds it, and the JSON items from process 0). The data iterator's position is saved
+per process; as every host stands at the same global batch, a run restarted on another number of
+hosts takes it from whichever process wrote it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Any
@@ -100,20 +106,37 @@ class Checkpointer:
           _tree_to_abstract(opt_state_like, opt_shardings or _on_first_device(opt_state_like)))
     if rng and "rng" in present:
       items["rng"] = ocp.args.StandardRestore()
+    foreign_state = None
     if data_iter is not None:
       if "data" not in present:
         raise CheckpointError(f"checkpoint {self.directory}/{step} holds no data-iterator state")
-      import grain
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      foreign_state = self._foreign_data_state(step)
+      if foreign_state is None:
+        import grain
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types; name the checkpoint in the message
       raise CheckpointError(f"could not restore {self.directory}/{step}: {e}") from e
+    if foreign_state is not None:
+      _set_iterator_state(data_iter, foreign_state)
     key = None
     if rng and "rng" in present:
       key = jax.random.wrap_key_data(out["rng"]["key"])
     return Restored(step=step, params=out["params"], meta=out["meta"],
                     opt_state=out.get("opt_state"), rng=key)
+
+  def _foreign_data_state(self, step: int) -> str | None:
+    """The data-iterator state of a checkpoint written by another number of processes (None when this
+    process has its own file). Every process of a run holds the same position, so any file will do."""
+    d = self.directory / str(step) / "data"
+    if (d / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
+      return None
+    states = {p.read_text() for p in d.glob("process_*-of-*.json")}
+    if len(states) != 1:
+      raise CheckpointError(f"{d}: no data-iterator state for process {jax.process_index()} of "
+                            f"{jax.process_count()}, and {len(states)} different ones of other processes")
+    return states.pop()
 
   def _items(self, step: int) -> list[str]:
     d = self.directory / str(step)
@@ -130,6 +153,14 @@ class Checkpointer:
 
   def close(self):
     self._mngr.close()
+
+
+def _set_iterator_state(data_iter: Any, text: str) -> None:
+  """What grain's checkpoint handler does on restore, from the text of a state file."""
+  import grain
+  data_iter.set_state(json.loads(text) if isinstance(data_iter, grain.DatasetIterator) else text.encode())
+  if hasattr(data_iter, "start_prefetch"):
+    data_iter.start_prefetch()
 
 
 # ---- model-only checkpoints (the `convert` CLI, inference, initialising later stages) ----

@@ -4,7 +4,9 @@
   python -m autotraj_jax.convert --from-checkpoint CKPT_DIR --to-hf HF_DIR [--tokenizer DIR]
 
 Any source pairs with any target (HF -> HF re-shards or casts). The tokenizer files and the
-bos/eos/pad token ids travel along. Bad input exits with status 2 and a one-line message.
+bos/eos/pad token ids travel along; a missing or corrupt tokenizer is an error (pass
+--no-tokenizer to convert weights alone). Bad input exits with status 2 and a one-line message
+naming the path.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from autotraj_jax import checkpoint
 from autotraj_jax import sharding as shd
 from autotraj_jax.models import hf
 from autotraj_jax.models.config import ModelConfig
+from autotraj_jax.tokenizer import check_tokenizer_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOKEN_IDS_META = "hf_token_ids"
@@ -40,8 +43,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh", default=None, help="lay params out on a mesh while converting, e.g. "
                  "'fsdp=8' or 'fsdp=4,tp=2' (default: one device)")
   p.add_argument("--dtype", choices=DTYPES, default=None, help="cast params (default: keep)")
-  p.add_argument("--tokenizer", metavar="DIR", default=None,
-                 help="tokenizer files to ship (default: the ones in the source)")
+  tok = p.add_mutually_exclusive_group()
+  tok.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer files to ship (default: the ones in the source)")
+  tok.add_argument("--no-tokenizer", action="store_true",
+                   help="write the model without tokenizer files (otherwise a missing one is an error)")
   p.add_argument("--max-shard-bytes", type=int, default=2**31, help="HF output: bytes per safetensors file")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
   return p
@@ -72,6 +78,22 @@ def _with_tokenizer(directory: str | None) -> str | None:
   """`directory` if it holds tokenizer files, else None (a source need not ship a tokenizer)."""
   if directory is None or not any((pathlib.Path(directory) / n).is_file() for n in hf.SIDECAR_FILES):
     return None
+  return directory
+
+
+def _tokenizer_source(args: argparse.Namespace) -> str:
+  """The checked tokenizer directory to ship: `--tokenizer` or the source's own.
+
+  Checked before any weights load, so a missing or corrupt tokenizer fails fast, naming the file.
+  """
+  if args.tokenizer is not None:
+    directory = args.tokenizer
+  elif args.from_hf:
+    directory = args.from_hf
+  else:
+    directory = checkpoint.tokenizer_dir_of(args.from_checkpoint) or str(
+      pathlib.Path(args.from_checkpoint) / checkpoint.TOKENIZER_SUBDIR)
+  check_tokenizer_dir(directory)
   return directory
 
 
@@ -108,8 +130,11 @@ def convert(args: argparse.Namespace) -> str:
     raise FileNotFoundError(f"tokenizer directory {args.tokenizer} does not exist")
   if src.resolve() == out.resolve():
     raise ValueError("source and output are the same directory")
-  cfg, kind, params, ids, tokenizer = _load(args)
-  where = _save(args, cfg, kind, params, ids, args.tokenizer or tokenizer)
+  if args.from_hf:  # a cheap look at the model config first: a wrong model is the bigger mistake
+    hf.config_from_hf(hf.read_hf_config(args.from_hf))
+  tokenizer = None if args.no_tokenizer else _tokenizer_source(args)
+  cfg, kind, params, ids, _ = _load(args)
+  where = _save(args, cfg, kind, params, ids, tokenizer)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   fmt = "HF model" if args.to_hf else "checkpoint"
   return f"wrote {fmt} {where}: {cfg.architecture} {kind}, {n:,} params, {cfg.param_dtype}"
@@ -119,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     print(convert(args))
-  except (ValueError, OSError, checkpoint.CheckpointError) as e:  # OSError covers FileNotFoundError
-    print(f"convert: error: {e}", file=sys.stderr)
+  except (ValueError, OSError, checkpoint.CheckpointError) as e:  # TokenizerError is a ValueError
+    print(f"convert: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
     return 2
   return 0
 

@@ -12,49 +12,18 @@ file's content hash, so an edited file gets a fresh build and an unchanged one i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Iterable
+from typing import Any
 
 import tensorflow_datasets as tfds
 
-QA_FIELDS: tuple[str, ...] = ("id", "question", "answer", "dataset", "split", "domain")
+from autotraj_jax.questions import QA_FIELDS, read_jsonl  # re-exported: the JSONL reader lives there
+
 BUILDER_NAME = "autotraj_qa"
 VERSION = "1.0.0"
 _KNOWN_SPLITS = ("train", "test", "validation", "valid", "val", "dev")
-
-
-def read_jsonl(path: str | os.PathLike,
-               required_fields: Iterable[str] | Mapping[str, type] = ()) -> list[dict]:
-  """All records of a JSONL file; blank lines are skipped.
-
-  `required_fields` names keys every record must have; a mapping also gives each key's type.
-  A malformed line raises ValueError naming the file, the 1-based line and the problem.
-  """
-  path = os.fspath(path)
-  types = dict(required_fields) if isinstance(required_fields, Mapping) else \
-      {name: None for name in required_fields}
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-      for name, kind in types.items():
-        if name not in record:
-          raise ValueError(f"{path}:{lineno}: missing field {name!r}")
-        if kind is not None and not isinstance(record[name], kind):
-          raise ValueError(f"{path}:{lineno}: field {name!r} must be {kind.__name__}, "
-                           f"got {type(record[name]).__name__}")
-      records.append(record)
-  return records
 
 
 class AutotrajQa(tfds.core.GeneratorBasedBuilder, skip_registration=True):

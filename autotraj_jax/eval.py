@@ -1,24 +1,26 @@
 """Benchmark harness: greedy pass@1 and maj@k with real tool calls, plus tool-use statistics.
 
-Reads any JSONL question file with `id, question, answer, domain` (the synthetic test split or
-the benchmark files), runs the tool loop through an `LLMBackend`, and writes one table per run
-as JSON and markdown next to the trajectories.
+Reads any question file (`questions.load_questions`: the synthetic test split or the benchmark
+files), runs the tool loop through an `LLMBackend`, and writes one table per run as JSON and
+markdown next to the trajectories. A question whose prompt the backend cannot take counts as
+wrong and is counted under `prompt_too_long`; it never stops the run.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
-from autotraj_jax.datasets import read_jsonl
+from autotraj_jax.engine.backend import PROMPT_TOO_LONG
+from autotraj_jax.questions import Query
 from autotraj_jax.tir.answers import is_equivalent, normalize_math, normalize_qa
 from autotraj_jax.tir.format import validate
-from autotraj_jax.tir.rollout import Query, RolloutConfig, run_rollouts
+from autotraj_jax.tir.records import write_json, write_jsonl
+from autotraj_jax.tir.rollout import RolloutConfig, run_rollouts
 from autotraj_jax.tir.tools import Tool
-from autotraj_jax.tir.trajectory import JsonlAppender, Trajectory
+from autotraj_jax.tir.trajectory import Trajectory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +30,6 @@ class EvalConfig:
   maj_temperature: float = 0.7
   max_questions: int | None = None
   seed: int = 0
-
-
-def load_queries(path: str, max_questions: int | None = None) -> list[Query]:
-  rows = read_jsonl(path, required_fields={"id": str, "question": str, "answer": str})
-  rows = rows[:max_questions] if max_questions else rows
-  return [Query(id=r["id"], question=r["question"], gold=r["answer"], domain=r.get("domain", "math"))
-          for r in rows]
 
 
 def _vote_key(answer: str | None, domain: str) -> str | None:
@@ -53,14 +48,15 @@ def trajectory_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
       "tool_error_rate": sum(not c.ok for c in calls) / max(len(calls), 1),
       "mean_response_tokens": sum(len(t.response_ids) for t in trajs) / n,
       "mean_model_tokens": sum(t.num_model_tokens for t in trajs) / n,
+      "prompt_too_long": float(sum(t.finish_reason == PROMPT_TOO_LONG for t in trajs)),
   }
 
 
 def evaluate(backend, tokenizer, tools: Mapping[str, Tool], queries: Sequence[Query], cfg: EvalConfig,
-             *, progress: bool = False) -> tuple[dict[str, float], list[Trajectory]]:
+             *, progress: bool | str = False) -> tuple[dict[str, float], list[Trajectory]]:
   greedy = dataclasses.replace(cfg.rollout, sampling=dataclasses.replace(cfg.rollout.sampling, temperature=0.0))
   trajs = run_rollouts(backend, tokenizer, queries, tools, greedy, id_prefix="eval/", progress=progress)
-  correct = [is_equivalent(t.gold, t.answer, t.domain) for t in trajs]
+  correct = [t.finish_reason != PROMPT_TOO_LONG and is_equivalent(t.gold, t.answer, t.domain) for t in trajs]
   for t, ok in zip(trajs, correct):
     t.scores = {"correct": float(ok)}
   metrics = {"questions": float(len(queries)), "pass@1": sum(correct) / max(len(correct), 1),
@@ -83,18 +79,14 @@ def evaluate(backend, tokenizer, tools: Mapping[str, Tool], queries: Sequence[Qu
 
 
 def write_report(out_dir: str, name: str, metrics: Mapping[str, Any], trajs: Sequence[Trajectory] = ()) -> None:
-  """`<name>.json`, `<name>.md` (a one-row table) and the greedy trajectories as JSONL."""
+  """`<name>.json`, `<name>.md` (a one-row table) and the greedy trajectories as JSONL; the JSON
+  files are replaced atomically, so a killed run never leaves half a report."""
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-    json.dump(dict(metrics), f, indent=2)
+  write_json(os.path.join(out_dir, f"{name}.json"), dict(metrics))
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write(markdown_table([{"run": name, **metrics}]))
   if trajs:
-    path = os.path.join(out_dir, f"{name}.trajectories.jsonl")
-    if os.path.exists(path):
-      os.remove(path)
-    with JsonlAppender(path) as w:
-      w.write_all(trajs)
+    write_jsonl(os.path.join(out_dir, f"{name}.trajectories.jsonl"), trajs)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:

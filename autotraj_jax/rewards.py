@@ -8,7 +8,8 @@ one float each:
 - `rm`: a reward-model score from a caller-supplied batch scorer, normalised ('none' | 'batch'
   | 'running').
 
-Combinations:
+Combinations (`COMBINATIONS`, extend with `register_combination`) say which components a
+config needs and how they make one reward:
 - `weighted`: sum of weight * component; symmetric, so a bad RM score lowers the reward too.
 - `reference`: the authors' rule: format penalty for a bad format or no boxed answer; else
   f = outcome, r = max(f, clip(f + c * RM, -cap, cap)) when f > 0 (a one-sided, gated bonus,
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 RMFn = Callable[[list[Trajectory]], Sequence[float]]
 NORM_EPS = 1e-6
 
-COMBINATIONS = ("weighted", "reference")
 RM_NORMS = ("none", "batch", "running")
 OUTCOME_METRICS = ("equiv", "f1", "f1_all")
 
@@ -62,8 +62,9 @@ class RewardConfig:
 
   def __post_init__(self):
     if self.combination not in COMBINATIONS:
-      raise ValueError(f"combination must be one of {COMBINATIONS}, got {self.combination!r}")
-    unknown = set(self.weights) - set(REWARD_COMPONENTS)
+      raise ValueError(f"rewards.combination must be a registered combination ({', '.join(sorted(COMBINATIONS))}), "
+                       f"got {self.combination!r}")
+    unknown = (set(self.weights) | set(self.components)) - set(REWARD_COMPONENTS)
     if unknown:
       raise ValueError(f"unknown reward components {sorted(unknown)}; registered: {sorted(REWARD_COMPONENTS)}")
     if self.rm_norm not in RM_NORMS:
@@ -83,10 +84,13 @@ class RewardConfig:
       raise ValueError(f"max_rm_failures must be >= 0 or None, got {self.max_rm_failures}")
 
   @property
+  def components(self) -> list[str]:
+    """The registered components this config's combination reads, in order."""
+    return list(COMBINATIONS[self.combination].needs(self))
+
+  @property
   def uses_rm(self) -> bool:
-    if self.combination == "reference":
-      return self.reference_rm_coef != 0.0
-    return self.weights.get("rm", 0.0) != 0.0
+    return "rm" in self.components
 
 
 @dataclasses.dataclass
@@ -249,6 +253,34 @@ def _call_rm(rm_fn: RMFn, batch: list[Trajectory], timeout_s: float | None) -> t
   return scores, None
 
 
+@dataclasses.dataclass(frozen=True)
+class Combination:
+  """`needs(cfg)`: the component names to compute; `combine(trajs, components, cfg)`: one reward
+  per trajectory from those components' values."""
+
+  needs: Callable[[RewardConfig], Sequence[str]]
+  combine: Callable[[Sequence[Trajectory], Mapping[str, list[float]], RewardConfig], list[float]]
+
+
+COMBINATIONS: dict[str, Combination] = {}
+
+
+def register_combination(name: str, needs: Callable[[RewardConfig], Sequence[str]]):
+  """Decorator registering `combine(trajs, components, cfg) -> rewards` as combination `name`."""
+  def deco(fn):
+    if name in COMBINATIONS and COMBINATIONS[name].combine is not fn:
+      raise ValueError(f"reward combination {name!r} is already registered")
+    COMBINATIONS[name] = Combination(needs, fn)
+    return fn
+  return deco
+
+
+@register_combination("weighted", needs=lambda cfg: [n for n, w in cfg.weights.items() if w != 0.0])
+def weighted_combination(trajs, components, cfg) -> list[float]:
+  """Sum of weight * component: symmetric, so a bad RM score lowers the reward too."""
+  return [sum(cfg.weights[n] * values[i] for n, values in components.items()) for i in range(len(trajs))]
+
+
 def reference_reward(fmt_ok: bool, has_answer: bool, outcome: float, rm: float, cfg: RewardConfig) -> float:
   """The authors' rule (PAPER_NOTES 6.3): penalty, else F1 plus a gated, capped, one-sided bonus."""
   if not fmt_ok or not has_answer:
@@ -257,6 +289,14 @@ def reference_reward(fmt_ok: bool, has_answer: bool, outcome: float, rm: float, 
     return 0.0
   bonus = min(max(outcome + cfg.reference_rm_coef * rm, -cfg.reference_cap), cfg.reference_cap)
   return max(outcome, bonus)
+
+
+@register_combination("reference",
+                      needs=lambda cfg: ["outcome", "format"] + (["rm"] if cfg.reference_rm_coef != 0.0 else []))
+def reference_combination(trajs, components, cfg) -> list[float]:
+  rm = components.get("rm", [0.0] * len(trajs))
+  return [reference_reward(components["format"][i] == 0.0, answer_of(t) is not None, components["outcome"][i],
+                           rm[i], cfg) for i, t in enumerate(trajs)]
 
 
 def compute_rewards(trajs: Sequence[Trajectory], cfg: RewardConfig, rm_fn: RMFn | None = None,
@@ -273,10 +313,7 @@ def compute_rewards(trajs: Sequence[Trajectory], cfg: RewardConfig, rm_fn: RMFn 
   info: dict[str, Any] = {}
   ctx = RewardContext(rm_fn=rm_fn, state=state, info=info)
   trajs = list(trajs)
-  if cfg.combination == "weighted":
-    names = [n for n, w in cfg.weights.items() if w != 0.0]
-  else:
-    names = ["outcome", "format"] + (["rm"] if cfg.uses_rm else [])
+  names = cfg.components
   if "rm" in names and rm_fn is None:
     raise ValueError("the reward config uses the reward model ('rm') but no rm_fn was given")
   if not trajs:
@@ -288,12 +325,8 @@ def compute_rewards(trajs: Sequence[Trajectory], cfg: RewardConfig, rm_fn: RMFn 
   state.batches += 1
   if "rm" in names:
     info["rm_failures_total"] = state.rm_failures
-
-  if cfg.combination == "weighted":
-    rewards = [sum(cfg.weights[n] * components[n][i] for n in names) for i in range(len(trajs))]
-  else:
-    rm = components.get("rm", [0.0] * len(trajs))
-    rewards = [reference_reward(components["format"][i] == 0.0, answer_of(t) is not None,
-                                components["outcome"][i], rm[i], cfg)
-               for i, t in enumerate(trajs)]
+  rewards = [float(r) for r in COMBINATIONS[cfg.combination].combine(trajs, components, cfg)]
+  if len(rewards) != len(trajs):
+    raise ValueError(f"reward combination {cfg.combination!r} returned {len(rewards)} rewards for {len(trajs)} "
+                     "trajectories")
   return rewards, components, info

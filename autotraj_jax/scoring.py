@@ -47,6 +47,9 @@ class ScoringConfig:
   # A correct candidate with any of these dimensions below its floor is low quality whatever its
   # total: one failed or repeated tool call barely moves a five-way weighted mean.
   floors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  # tool_use: an answer must rest on a successful tool call (tool-integrated tasks); off for data
+  # where some questions need no tool.
+  answer_needs_tool: bool = True
 
   def __post_init__(self):
     unknown = (set(self.weights) | set(self.floors)) - set(SCORERS)
@@ -131,8 +134,15 @@ def repetition(traj, group, cfg) -> Score:
 
 @register_scorer("tool_use")
 def tool_use(traj, group, cfg) -> Score:
-  """Penalises failed calls, identical repeated calls, and calls made after a tool result
-  already held the final answer; 0.25 per problem."""
+  """0.25 off per failed call, identical repeated call, or call made after a tool result already
+  held the final answer; 0 for an answer resting on no successful tool call.
+
+  The last rule is what keeps a guess from looking like good tool use: with no call at all there
+  is nothing else to penalise, so a bare answer would score 1. It asks only for some successful call,
+  not for an output that contains the answer: on real benchmarks the printed value and the boxed
+  answer often differ in form (0.5 vs \\frac{1}{2}, units, names) and the last step may be done in
+  reasoning. Data whose tasks do not all need a tool turns it off with `answer_needs_tool=False`.
+  """
   problems = []
   seen = set()
   answer_known = False
@@ -147,6 +157,9 @@ def tool_use(traj, group, cfg) -> Score:
       problems.append(f"failed {call.tool} call: {(call.error or call.output)[:60]}")
     if traj.answer and call.ok and _contains_answer(call.output, traj.answer):
       answer_known = True
+  if cfg.answer_needs_tool and traj.answer and not any(call.ok for call in traj.tool_calls):
+    problems.append("answer without a successful tool call")
+    return Score(0.0, "; ".join(problems))
   return Score(max(0.0, 1.0 - 0.25 * len(problems)), "; ".join(problems))
 
 

@@ -114,20 +114,61 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike,
   return load_tokenizer(out_dir)
 
 
+JSON_SIDECARS = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "chat_template.json")
+
+
+class TokenizerError(ValueError):
+  """A tokenizer directory that is missing, incomplete or corrupt; the message names the file."""
+
+
+def check_tokenizer_dir(path: str | os.PathLike) -> None:
+  """Raises naming the file unless `path` holds a readable HF tokenizer.
+
+  FileNotFoundError for a missing directory or tokenizer.json, `TokenizerError` for a corrupt file.
+
+  Why: transformers reports a corrupt file as a bare JSONDecodeError without its path.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory {path} does not exist; train one with "
+                         f"autotraj_jax.tokenizer.build_demo_tokenizer or point to an HF model dir")
+  main_file = os.path.join(path, TOKENIZER_FILE)
+  if not os.path.isfile(main_file):
+    raise FileNotFoundError(f"{main_file} is missing; expected an HF tokenizer directory")
+  for name in JSON_SIDECARS:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      continue
+    try:
+      with open(file, encoding="utf-8") as f:
+        json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise TokenizerError(f"{file}: not a valid JSON tokenizer file ({e})") from None
+  from tokenizers import Tokenizer
+
+  try:
+    Tokenizer.from_file(main_file)
+  except Exception as e:  # noqa: BLE001 - the Rust side raises a plain Exception
+    raise TokenizerError(f"{main_file}: not a valid tokenizer ({e})") from None
+
+
 def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
-  """`AutoTokenizer` from a local directory, with a pad token guaranteed (eos if none)."""
+  """`AutoTokenizer` from a local directory, with a pad token guaranteed (eos if none).
+
+  Missing or corrupt files raise as in `check_tokenizer_dir`, naming the file.
+  """
   from transformers import AutoTokenizer
 
   path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist; train one with "
-                            f"autotraj_jax.tokenizer.build_demo_tokenizer or point to an HF model dir")
-  if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
-    raise FileNotFoundError(f"{path!r} has no {TOKENIZER_FILE}; expected an HF tokenizer directory")
-  tok = AutoTokenizer.from_pretrained(path)
+  check_tokenizer_dir(path)
+  try:
+    tok = AutoTokenizer.from_pretrained(path)
+  except (OSError, ValueError) as e:
+    raise TokenizerError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from None
   if tok.pad_token is None:
     if tok.eos_token is None:
-      raise ValueError(f"tokenizer at {path!r} has neither a pad nor an eos token")
+      raise TokenizerError(f"tokenizer at {path} has neither a pad nor an eos token")
     tok.pad_token = tok.eos_token
   return tok
 

@@ -4,10 +4,16 @@ when given, an SGLang / sglang-jax server, on the same random weights.
     python benchmarks/generate.py [--presets demo,bench-0.5b] [--batches 1,8,32]
                                   [--prompt-len 64] [--new-tokens 64] [--top-p P] [--sglang-url URL]
     python benchmarks/generate.py --start-sglang   # launches sglang-jax on each model (CPU)
+    python benchmarks/generate.py --turns 3        # also: a multi-turn loop with and without the prefix cache
 
 Prints one table (tokens/s of new tokens, all rows of the batch) with the ratio to our engine,
 and the memory-bandwidth bound for batch-1 decode: weight bytes read per token divided by the
-measured copy bandwidth of this machine.
+measured copy bandwidth of this machine. Our engine's prefix cache is emptied before each timed
+call, so every prompt is prefilled in full, as the other backends do.
+
+With `--turns N`, each batch size also runs an N-turn loop (each turn appends its completion
+and a fixed 32-token "tool result" to the context) and prints its seconds with the prefix cache
+and without, and the share of context tokens the model computed (`prefill/context`).
 """
 
 from __future__ import annotations
@@ -50,10 +56,30 @@ def requests(batch: int, prompt_len: int, new_tokens: int, vocab: int, top_p: fl
 
 def time_engine(engine, reqs, new_tokens):
   engine.generate(reqs)  # compile
+  engine.clear_prefix_cache()  # the timed call prefills every prompt in full
   t = time.perf_counter()
   outs = engine.generate(reqs)
   dt = time.perf_counter() - t
   return sum(len(o.token_ids) for o in outs) / dt
+
+
+def multi_turn(engine, reqs, turns: int) -> tuple[float, float]:
+  """(seconds, prefill/context) of `turns` rounds: each appends the completion and 32 tool tokens."""
+  tool = list(range(20, 52))
+
+  def run():
+    ctx = [list(r.prompt_ids) for r in reqs]
+    for _ in range(turns):
+      outs = engine.generate([GenerationRequest(c, r.sampling) for c, r in zip(ctx, reqs)])
+      ctx = [c + o.token_ids + tool for c, o in zip(ctx, outs)]
+    engine.release(ctx)
+
+  run()  # compile every shape
+  engine.clear_prefix_cache()
+  engine.reset_stats()
+  t = time.perf_counter()
+  run()
+  return time.perf_counter() - t, engine.prefill_ratio
 
 
 def time_transformers(hf_dir, reqs, new_tokens, dtype):
@@ -96,6 +122,8 @@ def main():
   p.add_argument("--torch-dtypes", default="float32,bfloat16")
   p.add_argument("--sglang-url", default=None, help="a running server that serves the same weights")
   p.add_argument("--start-sglang", action="store_true", help="launch sglang-jax (CPU) on each model")
+  p.add_argument("--turns", type=int, default=0, help="also time a multi-turn loop with and without the "
+                 "prefix cache")
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
   bw = copy_bandwidth()
@@ -119,6 +147,16 @@ def main():
       make_reqs = lambda b: requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)),
                                      args.top_p)
       results = {}
+      if args.turns:
+        # The same engine without a prefix cache: every turn prefills the whole context.
+        plain = JaxEngine(graphdef, params, cfg, tokenizer, config=EngineConfig(
+            new_token_buckets=(args.new_tokens,), chunk_steps=args.new_tokens, prefix_cache_rows=0))
+        for b in batches:
+          reqs = make_reqs(b)
+          (t_on, ratio), (t_off, _) = multi_turn(engine, reqs, args.turns), multi_turn(plain, reqs, args.turns)
+          print(f"{preset} batch {b}: {args.turns} turns in {t_on:.2f} s with the prefix cache, {t_off:.2f} s "
+                f"without ({t_off / t_on:.2f}x); prefill/context: {ratio:.2f}", flush=True)
+        del plain
       for b in batches:
         reqs = make_reqs(b)
         row = {"model": preset, "batch": b, "jax": time_engine(engine, reqs, args.new_tokens)}

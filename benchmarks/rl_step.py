@@ -6,8 +6,8 @@
 
 The policy is `--policy` (an HF directory with its tokenizer; default `assets/demo_policy` when it
 exists, since random weights write random tokens and so make unrealistic rollouts), or else a
-random-init `--preset` model with the demo tokenizer. A GRPO step is done as the RL stage does it
-(autotraj_jax/training/rl_stage.py), on task-world training questions with the real code sandbox
+random-init `--preset` model with the demo tokenizer. A GRPO step is done as the RL stage's learner
+does it (autotraj_jax/training/rl/learner.py), on task-world training questions with the real code sandbox
 and BM25 search over the world's corpus. One warm-up step runs first; its time (compiles
 included) is printed apart from the mean over the `--steps` timed steps. Figures:
 
@@ -15,7 +15,7 @@ included) is printed apart from the mean over the `--steps` timed steps. Figures
   tool calls, `--prompts` x `--samples` trajectories. gen tok/s = model-written tokens / this time.
 - reward: `compute_rewards` (outcome + format, the RL stage's weights 1.0 / 0.5).
 - logprob: packing the batch at the bucket length `--seq`, the jitted logprob recompute under the
-  current params, and group-normalised advantages.
+  current params, and group advantages by the registered estimator `--advantage`.
 - update: one jitted policy-loss train step (`make_train_step`, donated state, all
   prompts x samples rows in one [1, B, --seq] batch), then handing the weights to the engine.
   train tok/s = B x --seq positions / this time (padding included: that is the compute spent).
@@ -52,7 +52,7 @@ from autotraj_jax.tir.tools import make_tool
 from autotraj_jax.tokenizer import build_demo_tokenizer, load_tokenizer
 from autotraj_jax.training import rl
 from autotraj_jax.training.optimizer import OptimizerConfig, make_optimizer
-from autotraj_jax.training.rm_stage import collate_pairs, make_rm_loss
+from autotraj_jax.training.reward_model import collate_pairs, make_rm_loss
 from autotraj_jax.training.sft import make_sft_loss
 from autotraj_jax.training.step import init_state, make_train_step
 
@@ -100,7 +100,7 @@ class GRPOBench:
         sampling=SamplingParams(temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_tokens_per_turn,
                                 seed=args.seed))
     self.reward_cfg = RewardConfig(weights={"outcome": 1.0, "format": 0.5})
-    self.rl_cfg = rl.RLConfig()
+    self.rl_cfg = rl.RLConfig(advantage=args.advantage)
     # The pipeline's engine buckets (experiments/configs/common.py); one new-token bucket that
     # fits every turn, so decoding compiles once per (batch, prompt) shape.
     self.engine = JaxEngine(graphdef, params, cfg, tokenizer, config=EngineConfig(
@@ -131,11 +131,12 @@ class GRPOBench:
     dev = {k_: jnp.asarray(v) for k_, v in batch.items()}
     old_logp = self.logprob_fn(self.state.params, dev)
     mask = rl.shifted_mask(dev)
-    adv, keep = rl.grpo_advantages(jnp.asarray(rewards, jnp.float32).reshape(self.P, self.n), self.rl_cfg)
+    adv = rl.estimate_advantages(self.rl_cfg.advantage, rl.AdvantageInputs(
+        rewards_B=jnp.asarray(rewards, jnp.float32), group_size=self.n, mask_BT=mask,
+        kl_BT=jnp.zeros_like(old_logp)), self.rl_cfg)
     host = {"tokens": batch["tokens"], "valid": batch["valid"],
-            "loss_mask": np.asarray(batch["loss_mask"] * np.asarray(keep, np.int32)[:, None]),
-            "adv": np.asarray(adv[:, None] * mask), "old_logp": np.asarray(old_logp),
-            "ref_logp": np.asarray(old_logp)}
+            "loss_mask": np.asarray(batch["loss_mask"] * np.asarray(adv.keep_B, np.int32)[:, None]),
+            "adv": np.asarray(adv.adv_BT), "old_logp": np.asarray(old_logp), "ref_logp": np.asarray(old_logp)}
     t3 = time.perf_counter()
     self.state, m = self.train_step(self.state, {k_: jnp.asarray(v)[None] for k_, v in host.items()})
     self.engine.update_params(self.state.params)
@@ -207,6 +208,7 @@ def main():
   p.add_argument("--max-response-tokens", type=int, default=640, help="model + tool tokens per trajectory")
   p.add_argument("--max-tool-calls", type=int, default=3)
   p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--advantage", default="dr_grpo", help="a critic-free registered advantage estimator")
   p.add_argument("--learning-rate", type=float, default=1e-5)
   p.add_argument("--num-entities", type=int, default=1200, help="task-world size (the demo config's)")
   p.add_argument("--batch", type=int, default=8, help="SFT sequences / RM pairs per step")

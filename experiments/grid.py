@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from autotraj_jax.results import COLUMNS, NON_METRIC_KEYS, formatter  # noqa: E402
+from autotraj_jax.pipeline.results import COLUMNS, MAIN, NON_METRIC_KEYS, formatter  # noqa: E402
 
 DEFAULT_MAIN = os.path.join(ROOT, "experiments", "main.py")
 
@@ -151,7 +151,7 @@ def execute(runs: Sequence[Run], logs_dir: str, *, echo: Callable[[str], None] =
     if rc == 0 and os.path.exists(results):
       status.update(status="ok", wall_s=wall)
       with open(results) as f:
-        echo(f"{tag}: ok in {wall:.0f}s; accuracy {_summary(json.load(f))}")
+        echo(f"{tag}: ok in {wall:.0f}s; accuracy {_summary(json.load(f)['rows'])}")
     else:
       why = f"exit code {rc}" if rc != 0 else "no results.json (is `results` in config.stages?)"
       status.update(status="failed", wall_s=wall, error=why, log=log_path)
@@ -181,7 +181,7 @@ def aggregate(results_by_run: Mapping[str, Mapping[str, Any]]) -> list[dict[str,
     g["runs"].append(name)
     g["seeds"].append(res.get("seed"))
     for row in res.get("rows") or []:
-      acc = g["_rows"].setdefault(row["label"], {"label": row["label"], "eval": row.get("eval"), "missing_runs": 0,
+      acc = g["_rows"].setdefault(row["label"], {"label": row["label"], "name": row.get("name"), "missing_runs": 0,
                                                  "_values": {}})
       if row.get("missing"):
         acc["missing_runs"] += 1
@@ -189,8 +189,19 @@ def aggregate(results_by_run: Mapping[str, Mapping[str, Any]]) -> list[dict[str,
       for k, v in row.items():
         if k not in NON_METRIC_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool):
           acc["_values"].setdefault(k, []).append(float(v))
+  for name, res in results_by_run.items():
+    key = tuple(sorted(dict(res.get("overrides") or {}).items()))
+    comps = groups[key].setdefault("_comps", {})
+    for c in res.get("comparisons") or []:
+      acc = comps.setdefault((c["a"], c["b"], c["metric"]), {"a": c["a"], "b": c["b"], "metric": c["metric"],
+                                                             "diffs": [], "ci95": []})
+      acc["diffs"].append(float(c["diff"]))
+      acc["ci95"].append(list(c["ci95"]))
   out = []
   for g in groups.values():
+    g["comparisons"] = [{**{k: v for k, v in c.items() if k != "diffs"}, "diff": _stats(c["diffs"]),
+                         "seeds_excluding_zero": sum(lo > 0 or hi < 0 for lo, hi in c["ci95"])}
+                        for c in g.pop("_comps", {}).values()]
     rows = []
     for acc in g.pop("_rows").values():
       values = acc.pop("_values")
@@ -224,8 +235,16 @@ def render_markdown(groups: Sequence[Mapping[str, Any]], statuses: Sequence[Mapp
     if failed:
       lines += [f"Failed, not included: {', '.join(failed)}.", ""]
     table = [{"variant": r["label"],
-              **{h: _cell(r["metrics"].get(k), fmt, seeds) for k, h, fmt in COLUMNS[:4]}} for r in g["rows"]]
+              **{h: _cell(r["metrics"].get(k), fmt, seeds) for k, h, fmt in COLUMNS[:MAIN]}} for r in g["rows"]]
     lines.append(markdown_table(table) if table else "No results.\n")
+    if g.get("comparisons"):
+      lines += ["Differences between adjacent rows: mean ± std over seeds of the per-seed difference, and each "
+                "seed's paired-bootstrap 95% interval.", ""]
+      comp_rows = [{"from": c["a"], "to": c["b"], "metric": c["metric"],
+                    "difference": _cell(c["diff"], lambda v: f"{100 * v:+.1f} pts", seeds),
+                    "per-seed 95% intervals": "; ".join(f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" for lo, hi in c["ci95"]),
+                    "seeds excluding 0": f"{c['seeds_excluding_zero']}/{len(c['ci95'])}"} for c in g["comparisons"]]
+      lines.append(markdown_table(comp_rows))
   return "\n".join(lines)
 
 
@@ -236,7 +255,9 @@ def load_results(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     path = os.path.join(run.workdir, "results.json")
     if os.path.exists(path):
       with open(path) as f:
-        out[run.name] = {"overrides": run.overrides, "seed": run.seed, "rows": json.load(f)}
+        data = json.load(f)
+      out[run.name] = {"overrides": run.overrides, "seed": run.seed, "rows": data["rows"],
+                       "comparisons": data.get("comparisons", [])}
   return out
 
 

@@ -1,57 +1,166 @@
-"""AutoTraj-JAX entry point: runs the stages a config lists, in one work directory.
+"""AutoTraj-JAX: runs the stages a config lists, in one work directory.
 
     python experiments/main.py --config experiments/configs/demo.py --config.workdir=/tmp/demo
 
-Any config field can be overridden on the command line (`--config.generate.samples_per_query=2`).
-Rerunning the same command continues a killed run where it stopped.
+Any config field can be overridden (`--config.generate.samples_per_query=2`); `--show` prints every
+field with its value and meaning. Rerunning the same command continues a killed run where it stopped.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import logging
 import os
 import sys
+import time
+from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+USAGE = """usage: python experiments/main.py --config CONFIG [--config.FIELD=VALUE ...] [--show] [--debug]
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiments/configs/*.py file.",
-                                          lock_config=True)
-flags.mark_flags_as_required(["config"])
+  --config PATH          a config file (below); required
+  --config.a.b=VALUE     override one field, e.g. --config.generate.samples_per_query=8
+  --show                 print every field of the config with its value and meaning, and exit
+  --debug                show the full traceback of an error
+  -h, --help             this message
+"""
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+class UsageError(Exception):
+  """A command-line mistake: reported in one line, exit status 2."""
+
+
+def _first_doc_line(path: str) -> str:
+  import ast
+  with open(path) as f:
+    doc = ast.get_docstring(ast.parse(f.read())) or ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def stage_table() -> dict:
+  """Every stage by name: stage 1 (data_gen) and the library's (demo, stage 2, eval, results)."""
+  from autotraj_jax.pipeline.stages import STAGES as LIBRARY
+  from data_gen.stages import STAGES as STAGE1
+  return {**LIBRARY, **STAGE1}
+
+
+def help_text() -> str:
+  lines = [USAGE, "configs (experiments/configs/):"]
+  for path in sorted(glob.glob(os.path.join(CONFIGS, "*.py"))):
+    name = os.path.basename(path)
+    if name != "common.py":
+      lines.append(f"  {name:<22} {_first_doc_line(path)}")
+  lines += ["", "stages (config.stages; 'kind:variant' applies config.<kind>_variants[variant]):"]
+  for name, stage in stage_table().items():
+    doc = (stage.fn.__doc__ or "").strip().splitlines()
+    lines.append(f"  {name:<22} {doc[0] if doc else ''}")
+  lines += ["", "list a config's fields: python experiments/main.py --config experiments/configs/demo.py --show"]
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, list[tuple[str, str]], bool, bool]:
+  """(config path, overrides, show, debug) from `--config PATH --config.x=v --show --debug`."""
+  path, overrides, show, debug = None, [], False, False
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    if arg in ("--show", "--debug"):
+      show, debug = (True, debug) if arg == "--show" else (show, True)
+    elif arg == "--config" or arg.startswith("--config="):
+      path = arg.partition("=")[2] if "=" in arg else (args.pop(0) if args else None)
+      if not path:
+        raise UsageError("--config needs a path")
+    elif arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if not args:
+          raise UsageError(f"{arg} needs a value (--config.{key}=VALUE)")
+        value = args.pop(0)
+      overrides.append((key, value))
+    else:
+      raise UsageError(f"unknown argument {arg!r} (see --help)")
+  if path is None:
+    raise UsageError("missing --config PATH (see --help for the configs)")
+  return path, overrides, show, debug
+
+
+def load_config(path: str, overrides: Sequence[tuple[str, str]], *, show: bool = False):
+  from autotraj_jax.pipeline.config import ConfigError, apply_override, validate
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist (configs are in {os.path.relpath(CONFIGS)}/)")
+  spec = importlib.util.spec_from_file_location("_autotraj_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config()")
+  config = module.get_config()
+  for key, value in overrides:
+    apply_override(config, key, value)
+  validate(config, require_workdir=not show, check_paths=not show)
+  return config
+
+
+def run(config) -> None:
   import jax
-  if config.get("distributed", False):
+  if config.distributed:  # before anything touches a device
     jax.distributed.initialize()
-  cache = config.get("compilation_cache_dir", "")
-  if cache:  # reruns and later stages reuse compiled buckets instead of recompiling them
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+  if config.compilation_cache_dir:  # reruns and later stages reuse compiled buckets
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  from autotraj_jax import stages
-  import data_gen.demo_stages  # noqa: F401  (registers the stages)
-  import data_gen.stages  # noqa: F401
-  import autotraj_jax.training.sft_stage  # noqa: F401
-  import autotraj_jax.training.rl_stage  # noqa: F401
-  import autotraj_jax.training.rm_stage  # noqa: F401
-  import autotraj_jax.results  # noqa: F401
-  wd = stages.run_stages(config)
-  for name, info in wd.stage_info().items():
-    logging.info("%-12s %8.1fs", name, info["wall_s"])
-  print(f"done: {wd.root}")
+  from autotraj_jax.pipeline.runner import run_stages
+  t0 = time.time()
+  wd, results = run_stages(config, stage_table())
+  if jax.process_index() == 0:
+    print(f"\nthis run, {time.time() - t0:.0f}s in all:")
+    for r in results:
+      print(f"  {r.name:<24} {r.status}" + (f" in {r.wall_s:.1f}s" if r.status == "ran" else ""))
+    results_md = os.path.join(wd.root, "results.md")
+    print(f"results: {results_md}" if os.path.exists(results_md) else f"done: {wd.root}")
 
 
-class _QuietLibraries:
+class _QuietLibraries(logging.Filter):
   """Drops INFO chatter of checkpointing libraries; their warnings still show."""
 
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or not any(s in record.pathname for s in ("/orbax/", "/jax/_src/", "/grain/"))
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        s in record.pathname for s in ("/orbax/", "/jax/_src/", "/grain/", "/absl/"))
+
+
+def main(argv: Sequence[str]) -> int:
+  if any(a in ("-h", "--help", "--helpfull") for a in argv):
+    print(help_text())
+    return 0
+  debug = "--debug" in argv
+  from autotraj_jax.engine.sglang_backend import SGLangGenerationError
+  from autotraj_jax.pipeline.config import ConfigError
+  from autotraj_jax.pipeline.runner import StaleStageError
+  from autotraj_jax.tir.records import RecordError
+  # Mistakes in the command, the config or the inputs, and servers that are down: one line, exit 2.
+  user_errors = (UsageError, ConfigError, StaleStageError, RecordError, FileNotFoundError, NotADirectoryError,
+                 IsADirectoryError, ConnectionError, SGLangGenerationError)
+  try:
+    path, overrides, show, debug = parse_args(argv)
+    config = load_config(path, overrides, show=show)
+    if show:
+      from autotraj_jax.pipeline.config import describe
+      print(describe(config))
+      return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for h in logging.getLogger().handlers:
+      h.addFilter(_QuietLibraries())
+    run(config)
+    return 0
+  except user_errors as e:
+    if debug:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  app.run(main)
+  sys.exit(main(sys.argv[1:]))

@@ -11,8 +11,7 @@ import pytest
 pytest.importorskip("math_verify")
 
 from autotraj_jax.tir import answers  # noqa: E402
-from autotraj_jax.tir.answers import (  # noqa: E402
-  extract_answer, is_equivalent, normalize_qa, token_f1)
+from autotraj_jax.tir.answers import extract_answer, is_equivalent, normalize_qa, token_f1  # noqa: E402
 
 BENCH = Path("/work/shared/data/benchmarks")
 
@@ -108,6 +107,11 @@ def test_qa_numbers_and_multiple_golds():
   assert is_equivalent("0.5", "\\frac{1}{2}", "knowledge")  # numeric gold: math equivalence too
   assert is_equivalent(["Frank Lowy", "Sir Frank Lowy"], "sir frank lowy", "knowledge")
   assert not is_equivalent(["Frank Lowy", "Sir Frank Lowy"], "Frank", "knowledge")
+  # Tuples (a loaded Query's gold) and the math domain: true when any gold matches.
+  assert is_equivalent(("\\frac{1}{2}", "50\\%"), "0.5", "math")
+  assert is_equivalent(("7", "\\frac{1}{2}"), "1/2", "math")
+  assert not is_equivalent(("7", "8"), "9", "math")
+  assert not is_equivalent(("", "  "), "", "math")
 
 
 @pytest.mark.parametrize("gold, pred, domain", [
@@ -152,6 +156,9 @@ def test_token_f1_and_normalize_qa():
   assert token_f1("Frank Lowy", None) == 0.0
   assert token_f1("Frank Lowy", "") == 0.0
   assert token_f1(["x y", "Frank Lowy"], "frank lowy") == 1.0
+  assert token_f1(("Emperor Zhaozong of Tang", "Emperor Taizong"), "Emperor Taizong of Tang") == pytest.approx(
+      max(token_f1("Emperor Zhaozong of Tang", "Emperor Taizong of Tang"),
+          token_f1("Emperor Taizong", "Emperor Taizong of Tang")))
 
 
 def test_code_domain_is_never_string_matched():

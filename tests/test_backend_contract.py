@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import sglang_server
+from test_sglang_backend import _peaked
+
 from autotraj_jax.engine import EngineConfig, GenerationRequest, JaxEngine, SamplingParams
 from autotraj_jax.models import causal_mask, get_preset, init_model, merge
 from autotraj_jax.models.hf import save_hf
 from autotraj_jax.tokenizer import build_demo_tokenizer
-from test_sglang_backend import _peaked
 
 MAX_NEW = 12
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW)

@@ -87,16 +87,20 @@ def test_malformed_jsonl_names_the_line(tmp_path):
   missing = dict(RECORDS[0])
   del missing["answer"]
   no_answer = _write(tmp_path / "b.jsonl", RECORDS[:1], ["", json.dumps(missing)])
-  with pytest.raises(ValueError, match=r"b\.jsonl:3: missing field 'answer'"):
+  with pytest.raises(ValueError, match=r"b\.jsonl:3: missing field answer"):
     ds.read_jsonl(no_answer, required_fields=ds.QA_FIELDS)
   wrong_type = _write(tmp_path / "c.jsonl", [dict(RECORDS[0], answer=18)])
-  with pytest.raises(ValueError, match=r"c\.jsonl:1: field 'answer' must be str, got int"):
+  with pytest.raises(ValueError, match=r"c\.jsonl:1: field answer must be str, got int"):
     ds.read_jsonl(wrong_type, required_fields={k: str for k in ds.QA_FIELDS})
   not_object = _write(tmp_path / "d.jsonl", [], ["[1, 2]"])
   with pytest.raises(ValueError, match=r"d\.jsonl:1: expected a JSON object"):
     ds.read_jsonl(not_object)
+  not_utf8 = tmp_path / "e.jsonl"
+  not_utf8.write_bytes(json.dumps(RECORDS[0]).encode() + b'\n{"id": "\xff"}\n')
+  with pytest.raises(ValueError, match=r"e\.jsonl:2: not UTF-8 \(byte 0xff at column 9\)"):
+    ds.read_jsonl(not_utf8)
   # The builder reports the same message, and leaves nothing half-built behind.
-  with pytest.raises(ValueError, match=r"b\.jsonl:3: missing field 'answer'"):
+  with pytest.raises(ValueError, match=r"b\.jsonl:3: missing field answer"):
     ds.jsonl_data_source(no_answer, data_dir=tmp_path / "tfds")
   assert not list((tmp_path / "tfds").glob("autotraj_qa/*/1.0.0/dataset_info.json"))
 
@@ -120,3 +124,8 @@ def test_gsm8k_benchmark(tmp_path):
     assert src[i] == {k: lines[i][k] for k in ds.QA_FIELDS}
   assert "tensorflow" not in sys.modules
   assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
+
+
+def test_read_jsonl_lives_in_the_light_questions_module():
+  from autotraj_jax import questions
+  assert ds.read_jsonl is questions.read_jsonl and ds.QA_FIELDS == questions.QA_FIELDS

@@ -5,11 +5,11 @@ import random
 
 import pytest
 
+from autotraj_jax.scoring import HIGH, LOW, PRESETS, WRONG, score_group
 from autotraj_jax.taskworld import TaskWorld, make_splits, reference_tool_outputs, render_reference_trajectory
 from autotraj_jax.taskworld.demo_policy import FLAWS, FlawRates, flawed, to_trajectory, warmstart_examples
 from autotraj_jax.tir import prompts
 from autotraj_jax.tir.format import validate
-from autotraj_jax.scoring import HIGH, LOW, PRESETS, WRONG, score_group
 
 FAILED = "Traceback (most recent call last):\nNameError: name 'total' is not defined"
 

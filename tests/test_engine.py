@@ -7,7 +7,7 @@ import transformers
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.engine import EngineConfig, GenerationRequest, JaxEngine, SamplingParams
-from autotraj_jax.engine.jax_engine import _cutoff
+from autotraj_jax.engine.sampling import cutoff as _cutoff
 from autotraj_jax.models import causal_mask, init_model, merge
 from autotraj_jax.models.hf import load_hf
 
@@ -153,13 +153,13 @@ def test_compiles_once_per_bucket(hf_model, demo_tokenizer):
             for _ in range(n)]
     outs = eng.generate(reqs)
     assert all(len(o.token_ids) <= r.sampling.max_new_tokens for o, r in zip(outs, reqs))
-  assert eng.num_compiles == 2  # one prefill, one decode chunk
+  assert eng.num_compiles == 3  # one prefill, one decode chunk, one prefix-cache store
   # New weights: same shapes, no recompilation, different output.
   new = jax.tree.map(lambda x: x * 1.5, params)
   before = eng.generate([GenerationRequest([5, 6, 7], greedy(16))])[0].token_ids
   eng.update_params(new)
   after = eng.generate([GenerationRequest([5, 6, 7], greedy(16))])[0].token_ids
-  assert eng.num_compiles == 2 and before != after
+  assert eng.num_compiles == 3 and before != after
 
 
 def test_sharded_engine_matches_single_device(hf_model, demo_tokenizer, engine):
@@ -180,5 +180,19 @@ def test_bad_requests(engine):
     GenerationRequest([])
   with pytest.raises(ValueError, match="top_p"):
     SamplingParams(top_p=0)
-  with pytest.raises(ValueError, match="exceeds the largest bucket"):
-    engine.generate([GenerationRequest(list(range(3, 100)), greedy(4))])
+  with pytest.raises(ValueError, match=r"max_new_tokens 40 exceeds the largest bucket 32; "
+                                       r"raise engine.new_token_buckets"):
+    engine.generate([GenerationRequest([5, 6, 7], greedy(40))])
+
+
+def test_prompt_too_long_comes_back_empty_and_the_batch_runs(engine, demo_tokenizer):
+  fit = [GenerationRequest(demo_tokenizer.encode(p), greedy(12)) for p in PROMPTS[:2]]
+  too_long = GenerationRequest(list(range(3, 36)), greedy(12))  # 33 tokens: the largest bucket is 32
+  no_lps = GenerationRequest(list(range(3, 100)), greedy(12), return_logprobs=False)
+  alone = engine.generate(fit)
+  out = engine.generate([fit[0], too_long, fit[1], no_lps])
+  assert [o.finish_reason for o in (out[1], out[3])] == ["prompt_too_long"] * 2
+  assert out[1].token_ids == [] and out[1].logprobs == [] and out[1].text == "" and out[3].logprobs is None
+  for a, b in zip(alone, (out[0], out[2])):
+    assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+  assert engine.generate([too_long])[0].finish_reason == "prompt_too_long"

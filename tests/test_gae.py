@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autotraj_jax.training.ppo import gae, masked_whiten, value_loss
+from autotraj_jax.training.rl.advantages import gae, masked_whiten
+from autotraj_jax.training.rl.losses import value_loss
 
 gae_jit = jax.jit(gae, static_argnames=("gamma", "lam"))
 

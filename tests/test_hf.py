@@ -190,14 +190,14 @@ def test_layout_reads_any_block():
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     lay = hf.layout_for(shd.path_str(path), x.shape)
     full = rng.randn(*lay.hf_shape).astype(np.float32)
-    ours = np.asarray(lay.read(lambda idx: full[idx], tuple(slice(0, n) for n in x.shape)))
+    ours = np.asarray(lay.read(lambda idx, full=full: full[idx], tuple(slice(0, n) for n in x.shape)))
     np.testing.assert_array_equal(lay.to_hf(ours), full)
     for _ in range(3):
       idx = []
       for n in x.shape:
         a = rng.randint(0, n)
         idx.append(slice(a, rng.randint(a + 1, n + 1)))
-      np.testing.assert_array_equal(lay.read(lambda i: full[i], tuple(idx)), ours[tuple(idx)])
+      np.testing.assert_array_equal(lay.read(lambda i, full=full: full[i], tuple(idx)), ours[tuple(idx)])
 
 
 def test_multi_shard_export_and_reload(hf_dirs, tmp_path):

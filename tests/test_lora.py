@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from test_training import make_examples
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.checkpoint import load_model
@@ -18,8 +19,6 @@ from autotraj_jax.training.lora import LoraConfig
 from autotraj_jax.training.optimizer import OptimizerConfig, make_optimizer
 from autotraj_jax.training.sft import make_sft_loss
 from autotraj_jax.training.step import init_state, make_train_step
-
-from test_training import make_examples
 
 CFG = get_preset("tiny")
 LCFG = LoraConfig(rank=4, alpha=8.0)

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from autotraj_jax.models import (ScalarModel, causal_mask, gather_last,
-                                 get_preset, init_cache, init_model, merge)
+from autotraj_jax.models import ScalarModel, causal_mask, gather_last, get_preset, init_cache, init_model, merge
 
 
 def _inputs(B=2, L=7, V=512, seed=0):
@@ -98,3 +97,69 @@ def test_scalar_head_reads_given_position():
   assert values.shape == (3, 7) and values.dtype == jnp.float32
   idx = jnp.array([0, 3, 6])
   np.testing.assert_allclose(gather_last(values, idx), values[jnp.arange(3), idx])
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "dots"])
+def test_remat_policies_same_gradients(policy):
+  cfg = get_preset("tiny")
+  graphdef, params = init_model(cfg)
+  tokens, pos, mask = _inputs()
+  gd_p, _ = init_model(cfg.replace(remat=policy))
+
+  def loss(gd, p):
+    return jnp.mean(merge(gd, p)(tokens, pos, mask)[0] ** 2)
+  for a, b in zip(jax.tree.leaves(jax.grad(lambda p: loss(graphdef, p))(params)),
+                  jax.tree.leaves(jax.grad(lambda p: loss(gd_p, p))(params))):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert gd_p is not None and cfg.replace(remat=policy).remat_policy == policy
+  assert cfg.replace(remat=True).remat_policy == "full" and cfg.remat_policy == "none"
+  with pytest.raises(ValueError, match="ModelConfig.remat='some'"):
+    cfg.replace(remat="some")
+  with pytest.raises(ValueError, match="logits_chunk"):
+    cfg.replace(logits_chunk=-1)
+
+
+def test_batch_sharding_hint_is_a_noop_without_mesh_and_pins_batch_with_one():
+  from autotraj_jax import sharding as shd
+  from autotraj_jax.models.decoder import shard_batch
+  x = jnp.arange(24.0).reshape(4, 3, 2)
+  assert shard_batch(x) is x  # no mesh in context: untouched (existing callers are unchanged)
+  mesh = jax.sharding.AbstractMesh((1, 1, 1), shd.AXES)
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert shard_batch(x) is x  # a 1-way batch split has nothing to pin
+  if len(jax.devices()) >= 2:
+    real = shd.make_mesh(shd.MeshConfig(data=1, fsdp=2, tp=1), jax.devices()[:2])
+    with jax.set_mesh(real):
+      text = jax.jit(shard_batch).lower(x).as_text()
+    assert 'sharding_constraint %arg0 <@mesh, [{"data", "fsdp"}, {}, {}]>' in text
+
+
+def test_chunked_cross_entropy_matches_full_logits():
+  from autotraj_jax.training import losses
+  from autotraj_jax.training.sft import make_sft_loss
+  cfg = get_preset("tiny")
+  graphdef, params = init_model(cfg)
+  gd_chunk, _ = init_model(cfg.replace(logits_chunk=5))  # 16 positions: 3 full chunks and a padded one
+  rng = np.random.default_rng(0)
+  batch = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 17)), jnp.int32),
+           "valid": jnp.ones((2, 17), jnp.int32).at[1, 12:].set(0),
+           "loss_mask": jnp.asarray(rng.integers(0, 2, (2, 17)), jnp.int32)}
+
+  def run(gd):
+    return jax.value_and_grad(lambda p: make_sft_loss(gd)(p, batch, None)[0])(params)
+  (full, g_full), (chunked, g_chunk) = run(graphdef), run(gd_chunk)
+  np.testing.assert_allclose(chunked, full, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_chunk)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  model = merge(graphdef, params)
+  tokens, pos, mask = _inputs(L=9)
+  hidden, _ = model.model(tokens, pos, mask)
+  logits = model.logits(hidden)
+  lp, ent = losses.chunked_token_stats(hidden, tokens, model.logits, 4, entropy=True)
+  np.testing.assert_allclose(lp, losses.token_logprobs(logits, tokens), atol=1e-5)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  np.testing.assert_allclose(ent, -jnp.sum(jnp.exp(logp) * logp, axis=-1), atol=1e-5)
+  s, c = losses.chunked_sft_loss(hidden, tokens, jnp.ones((2, 9)), model.logits, 4)
+  assert float(c) == 18 and np.isclose(float(s), -float(jnp.sum(losses.token_logprobs(logits, tokens))), rtol=1e-6)
+  with pytest.raises(ValueError, match="chunk must be positive"):
+    losses.chunked_token_stats(hidden, tokens, model.logits, 0)

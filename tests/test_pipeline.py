@@ -36,7 +36,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_every_artifact(smoke_run):
   wd = smoke_run
   for name in ("candidates.jsonl", "scored.jsonl", "repairs.jsonl", "sft.jsonl", "pairs.jsonl",
-               "report/stats.md", "report/stats.json", "report/score_total.png", "eval/base.json",
+               "report/stats.md", "report/stats.json", "report/scores.png", "eval/base.json",
                "eval/base.md"):
     assert os.path.exists(wd / name), name
   config = json.loads((wd / "config.json").read_text())
@@ -51,15 +51,25 @@ def test_smoke_run_writes_every_artifact(smoke_run):
   assert metrics["questions"] == config["eval"]["max_questions"] and 0.0 <= metrics["pass@1"] <= 1.0
   stages = json.loads((wd / "config.json").read_text())["stages"]
   assert sorted(os.listdir(wd / ".done")) == sorted(stages)
-  rows = json.loads((wd / "results.json").read_text())
-  assert [r["eval"] for r in rows] == ["base", "sft_high_only", "sft_autotraj", "rl_outcome_format", "rl_autotraj"]
-  rm = json.loads((wd / "rm" / "eval.json").read_text())
-  # A toy run may produce too few trajectories or preference pairs to train on: such a model, and
-  # what builds on it, is recorded as not trained with the reason, and every other row is there.
-  assert not rows[0]["missing"]
+  results = json.loads((wd / "results.json").read_text())
+  rows = results["rows"]
+  assert [r["name"] for r in rows] == ["base", "sft_high_only", "sft_autotraj", "rl_outcome_format", "rl_autotraj"]
   for r in rows:
-    assert not r["missing"] or r["error"].startswith("not trained: "), r
-  assert (wd / "rm" / "hf" / "config.json").exists() == rm["trained"]
+    assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["hq_at_1"] <= r["accuracy"], r
+  assert {(c["a"], c["b"], c["metric"]) for c in results["comparisons"]} == {
+      (a["name"], b["name"], m) for a, b in zip(rows, rows[1:]) for m in ("accuracy", "hq_at_1")}
+  for c in results["comparisons"]:
+    assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
+  rm = json.loads((wd / "rm" / "eval.json").read_text())
+  # The smoke config is sized so that every model really trains: no row may be missing or skipped.
+  for r in rows:
+    assert not r["missing"], r
+  assert rm["trained"] and rm["train_pairs"] >= config["rm"]["batch_size"], rm
+  assert (wd / "rm" / "hf" / "config.json").exists()
+  for model in ("sft_high_only", "sft_autotraj", "rm", "rl_outcome_format", "rl_autotraj"):
+    assert not (wd / model / "skipped.json").exists(), model
+  rl_logs = [json.loads(line) for line in open(wd / "rl_autotraj" / "logs" / "metrics.jsonl")]
+  assert rl_logs and all("reward/rm" in r for r in rl_logs)  # the RM really scored the rollouts
   assert os.path.exists(wd / "results.md")
 
 
@@ -88,11 +98,13 @@ def test_sigkill_during_generation_and_repair_then_rerun(smoke_run, tmp_path):
   args = MAIN + [f"--config.workdir={wd}", stage1]
   # Kill 1: once the first generation chunk is on disk, before generation completes.
   proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  assert _kill_when(proc, lambda: _lines(wd / "candidates.jsonl") >= 1 and not os.path.exists(wd / ".done" / "generate"))
+  assert _kill_when(proc, lambda: _lines(wd / "candidates.jsonl") >= 1
+                    and not os.path.exists(wd / ".done" / "generate"))
   assert not os.path.exists(wd / ".done" / "generate")
-  # Kill 2: during repair.
+  # Kill 2: during repair, after its first chunk of originals is on disk.
   proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  killed = _kill_when(proc, lambda: _lines(wd / "repairs.jsonl") >= 1 and not os.path.exists(wd / ".done" / "repair"))
+  assert _kill_when(proc, lambda: _lines(wd / "repairs.jsonl") >= 1 and not os.path.exists(wd / ".done" / "repair"))
+  assert 0 < _lines(wd / "repairs.jsonl") < _lines(smoke_run / "repairs.jsonl")  # killed mid-stage
   proc = run(wd, stage1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   ref = {t.id: t for t in read_trajectories(smoke_run / "candidates.jsonl")}
@@ -107,7 +119,6 @@ def test_sigkill_during_generation_and_repair_then_rerun(smoke_run, tmp_path):
   ref_repairs = [json.loads(l) for l in open(smoke_run / "repairs.jsonl")]
   assert sorted(r["original_id"] for r in repairs) == sorted(r["original_id"] for r in ref_repairs)
   assert len({r["original_id"] for r in repairs}) == len(repairs)
-  assert killed or os.path.exists(wd / ".done" / "repair")
 
 
 @pytest.mark.sglang
@@ -129,7 +140,7 @@ def test_stage1_against_sglang_jax_server(smoke_run, tmp_path):
   for name in ("world", "tokenizer"):  # inputs of stage 1, reused from the embedded run
     shutil.copytree(smoke_run / name, wd / name)
   with sglang_server.running_server(hf_dir) as url:
-    proc = run(wd, "--config.backend=sglang", f"--config.sglang.url={url}",
+    proc = run(wd, "--config.backend=sglang", f"--config.sglang.urls={url}",
                "--config.stages=('generate','score','repair','datasets')")
   assert proc.returncode == 0, proc.stderr[-3000:]
   cands = read_trajectories(wd / "candidates.jsonl")
@@ -182,3 +193,40 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(smoke_run,
   for step, r in last(ref).items():
     for k, v in r.items():
       assert last(got)[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
+
+
+def _copy(smoke_run, tmp_path, name="copy"):
+  import shutil
+  wd = tmp_path / name
+  shutil.copytree(smoke_run, wd)
+  return wd
+
+
+def test_changed_input_refuses_then_redo_reruns(smoke_run, tmp_path):
+  """A finished stage whose inputs changed is not silently skipped: the rerun names the field."""
+  wd = _copy(smoke_run, tmp_path)
+  questions = tmp_path / "q.jsonl"
+  questions.write_text("".join(json.dumps({"id": f"x{i}", "question": f"What is {i} + 1?", "answer": str(i + 1),
+                                           "dataset": "toy", "split": "test", "domain": "math"}) + "\n"
+                               for i in range(3)))
+  args = [f"--config.data.test_file={questions}", "--config.stages=('eval:base',)"]
+  proc = run(wd, *args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "data.test_file changed" in proc.stderr and "redo" in proc.stderr
+  proc = run(wd, *args, "--config.redo=('eval:base',)")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((wd / "eval" / "base.json").read_text())["questions"] == 3
+
+
+def test_mesh_override_trains_on_a_data_by_fsdp_mesh(smoke_run, tmp_path):
+  """--config.mesh.* reaches the trainer: SFT on a 2 x 2 (data, fsdp) mesh of fake CPU devices."""
+  wd = _copy(smoke_run, tmp_path)
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  proc = subprocess.run(MAIN + [f"--config.workdir={wd}", "--config.stages=('sft:autotraj',)",
+                                "--config.redo=('sft:autotraj',)", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                                "--config.sft.eval_questions=0"],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "sft:autotraj" in proc.stdout and (wd / "sft_autotraj" / "checkpoints").exists()
+  marker = json.loads((wd / ".done" / "sft:autotraj").read_text())
+  assert marker["fingerprint"]["values"]["mesh"] == {"data": 2, "fsdp": 2, "tp": 1}

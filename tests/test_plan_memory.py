@@ -69,7 +69,7 @@ def test_activations_remat_and_batch_split():
   D, F, N, K, H, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                       cfg.head_dim, cfg.vocab_size)
   assert full["layer"] == s * b * L * (4 * D + 2 * N * H + 2 * K * H + 4 * F) + (4 + s) * b * N * L * L
-  assert full["head"] == 2 * s * b * L * D + 8 * b * L * V
+  assert full["head"] == 2 * s * b * L * D + 8 * b * L * V + 4 * b * L
   twice = pm.activation_bytes(cfg, {"data": 1, "fsdp": 1, "tp": 1}, batch=8, seq=64, remat=False)
   assert twice["total"] == 2 * full["total"]
 
@@ -83,3 +83,28 @@ def test_7b_on_fsdp16_cli(capsys):
   for word in ("params", "adamw mu", "adamw nu", "activations", "total", "GiB"):
     assert word in out
   assert f"{plan.total / pm.GIB:.3f}" in out
+
+
+def test_stages_and_remat_policies():
+  cfg = get_preset("tiny", remat="full")
+  sizes = (1, 2, 1)
+  policy = pm.plan_stage("policy", cfg, sizes, batch=8, seq=64, num_micro=2)
+  assert policy.grad_accum == policy.params  # fp32 params: the fp32 sums are the same size
+  assert pm.plan_stage("policy", cfg, sizes, batch=8, seq=64).grad_accum == 0
+  ref = pm.plan_stage("reference", cfg, sizes, batch=8, seq=64)
+  assert ref.grads == ref.mu == ref.nu == 0 and ref.params == policy.params
+  assert 0 < ref.activations < policy.activations
+  rm = pm.plan_stage("rm", cfg, sizes, batch=8, seq=64)
+  critic = pm.plan_stage("critic", cfg, sizes, batch=8, seq=64)
+  assert rm.activations == critic.activations < policy.activations  # no [B, L, V] logits
+  engine = pm.plan_stage("engine", cfg, sizes, batch=8, seq=32, cache_len=48)
+  b, K, H = 4, cfg.num_kv_heads, cfg.head_dim
+  assert engine.cache == 2 * cfg.num_layers * b * K * 48 * H * 4
+  assert engine.total == engine.params + engine.cache + engine.activations
+  mesh = {"data": 1, "fsdp": 2, "tp": 1}
+  acts = {p: pm.activation_bytes(cfg, mesh, 8, 64, p)["total"] for p in ("none", "full", "dots")}
+  assert acts["full"] < acts["dots"] < acts["none"]
+  chunked = pm.activation_bytes(cfg.replace(logits_chunk=16), mesh, 8, 64, "full")
+  assert acts["full"] - chunked["total"] == 8 * 4 * (64 - 16) * cfg.vocab_size
+  with pytest.raises(ValueError, match="unknown stage"):
+    pm.plan_stage("actor", cfg, sizes, batch=8, seq=64)

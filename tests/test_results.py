@@ -12,8 +12,10 @@ import ml_collections
 import pytest
 
 from autotraj_jax.metrics import MetricWriter
-from autotraj_jax.results import load_rows, results_stage
-from autotraj_jax.stages import Workdir
+from autotraj_jax.pipeline.config import base_config
+from autotraj_jax.pipeline.results import load_rows, results_stage
+from autotraj_jax.pipeline.rm import plot_scores
+from autotraj_jax.pipeline.workdir import Workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID_PY = os.path.join(ROOT, "experiments", "grid.py")
@@ -34,13 +36,13 @@ grid = _load_grid()
 
 
 def _metrics(acc: float) -> dict:
-  return {"questions": 200.0, "pass@1": acc, "format_error_rate": 0.05, "answered_rate": 0.9,
+  return {"questions": 200.0, "pass@1": acc, "hq_at_1": acc / 2, "format_error_rate": 0.05, "answered_rate": 0.9,
           "tool_calls_per_question": 1.5, "tool_error_rate": 0.1, "mean_response_tokens": 120.0,
           "mean_model_tokens": 80.0}
 
 
 def _config(rows=ROWS) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
+  c = base_config()
   c.stages = ("world", "eval:base", "rl:autotraj", "results")
   c.results = dict(rows=rows, curves=("outcome_format", "autotraj"))
   return c
@@ -72,8 +74,7 @@ def synthetic_wd(tmp_path):
                "pair_accuracy_by_failure": {"hedge": 0.75, "wrong": 1.0},
                "scores": {q: {"mean": m, "std": 0.1, "n": 10} for q, m in (("high", 0.9), ("low", 0.4),
                                                                             ("wrong", 0.1))}}, f)
-  with open(wd.path("rm", "score_samples.json"), "w") as f:
-    json.dump({"high": [0.8, 0.9, 1.0], "low": [0.3, 0.5], "wrong": [0.0, 0.2]}, f)
+  plot_scores({"high": [0.8, 0.9, 1.0], "low": [0.3, 0.5], "wrong": [0.0, 0.2]}, wd.path("rm", "scores.png"))
   wd.mark_done("world", {"wall_s": 1.0, "finished": "2024-01-01 00:00:00"})
   wd.mark_done("eval:base", {"wall_s": 12.5, "finished": "2024-01-01 00:00:00"})
   wd.mark_done("rl:autotraj", {"wall_s": 3723.0, "finished": "2024-01-01 01:00:00"})
@@ -83,9 +84,9 @@ def synthetic_wd(tmp_path):
 def test_results_stage_writes_table_json_and_plots(synthetic_wd):
   wd = synthetic_wd
   results_stage(_config(), wd)
-  rows = json.loads(open(wd.path("results.json")).read())
+  rows = json.loads(open(wd.path("results.json")).read())["rows"]
   assert [r["label"] for r in rows] == [label for label, _ in ROWS]
-  assert [r["eval"] for r in rows] == [name for _, name in ROWS]
+  assert [r["name"] for r in rows] == [name for _, name in ROWS]
   assert not any(r["missing"] for r in rows)
   assert rows[2]["accuracy"] == pytest.approx(0.4) and rows[0]["format_error_rate"] == 0.05
   assert rows[0]["tool_calls_per_question"] == 1.5 and rows[0]["mean_length"] == 120.0
@@ -94,7 +95,7 @@ def test_results_stage_writes_table_json_and_plots(synthetic_wd):
   md = open(wd.path("results.md")).read()
   table = [line for line in md.splitlines() if line.startswith("| ")]
   assert [line.split(" | ")[0][2:] for line in table[1:6]] == [label for label, _ in ROWS]
-  assert "| base policy | 20.0% | 5.0% | 1.50 | 120.0 |" in md
+  assert "| base policy | 20.0% | 10.0% | 5.0% | 1.50 | 120.0 |" in md
   assert "maj@4" in md and "50.0%" in md
   assert "80.0% on 40 held-out pairs, mean margin 0.250." in md and "| high | 0.900 |" in md
   assert "hedge 75.0%, wrong 100.0%" in md
@@ -102,7 +103,7 @@ def test_results_stage_writes_table_json_and_plots(synthetic_wd):
   order = [times.index(s) for s in ("| world | 1.0s |", "| eval:base | 12.5s |", "| rl:autotraj | 62m 03.0s |")]
   assert order == sorted(order)  # pipeline order, not alphabetical
   assert "| total | 62m 16.5s |" in times
-  for name in ("rl_reward.png", "rl_accuracy.png", "sft_loss.png", "rm_scores.png"):
+  for name in ("rl_reward.png", "rl_dynamics.png", "training_loss.png", "rm_scores.png"):
     path = wd.path("plots", name)
     assert os.path.getsize(path) > 1000, name
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -117,13 +118,13 @@ def test_results_stage_tolerates_missing_evals_and_logs(tmp_path, caplog):
     json.dump(_metrics(0.3), f)
   with caplog.at_level("WARNING"):
     results_stage(_config(), wd)
-  rows = json.loads(open(wd.path("results.json")).read())
+  rows = json.loads(open(wd.path("results.json")).read())["rows"]
   assert len(rows) == 5 and rows[0]["missing"] is False
   assert all(r["missing"] is True and "accuracy" not in r for r in rows[1:])
   assert "sft_high_only" in caplog.text
   md = open(wd.path("results.md")).read()
   assert "| SFT high-quality only | missing |" in md and "`rl_autotraj`" in md
-  for name in ("rl_reward.png", "rl_accuracy.png", "sft_loss.png", "rm_scores.png"):
+  for name in ("rl_reward.png", "rl_dynamics.png", "training_loss.png", "rm_scores.png"):
     assert f"`{name}`: skipped" in md and not os.path.exists(wd.path("plots", name))
   assert "Reward model" not in md
 
@@ -144,7 +145,7 @@ def test_a_model_that_was_not_trained_is_reported_with_its_reason(tmp_path):
   wd.skip("rm", "0 training pairs")
   wd.skip("rl_autotraj", f"its reward model 'rm' was not trained ({wd.skipped('rm')})")
   results_stage(_config(), wd)
-  rows = {r["eval"]: r for r in json.loads(open(wd.path("results.json")).read())}
+  rows = {r["name"]: r for r in json.loads(open(wd.path("results.json")).read())["rows"]}
   assert rows["rl_autotraj"]["missing"]
   assert rows["rl_autotraj"]["error"] == "not trained: its reward model 'rm' was not trained (0 training pairs)"
   assert "error" not in rows["sft_autotraj"]  # merely not evaluated: no reason to give
@@ -157,13 +158,13 @@ def test_load_rows_marks_unreadable_file_missing(tmp_path):
   (tmp_path / "ok.json").write_text(json.dumps({"pass@1": 1, "note": "text", "flag": True}))
   rows = load_rows(str(tmp_path), [("bad", "bad"), ("ok", "ok")])
   assert rows[0]["missing"] and "error" in rows[0]
-  assert rows[1] == {"label": "ok", "eval": "ok", "missing": False, "accuracy": 1.0}
+  assert rows[1] == {"label": "ok", "name": "ok", "missing": False, "accuracy": 1.0}
 
 
 def _row(label, acc, fmt=0.1, calls=1.0, length=100.0, missing=False):
   if missing:
-    return {"label": label, "eval": label, "missing": True}
-  return {"label": label, "eval": label, "missing": False, "accuracy": acc, "format_error_rate": fmt,
+    return {"label": label, "name": label, "missing": True}
+  return {"label": label, "name": label, "missing": False, "accuracy": acc, "format_error_rate": fmt,
           "tool_calls_per_question": calls, "mean_length": length}
 
 
@@ -194,7 +195,7 @@ def test_aggregate_mean_std_and_grouping():
   assert single == {"mean": 0.9, "std": None, "n": 1, "values": [0.9]}
   md = grid.render_markdown(groups, [])
   assert "## lr=1" in md and "## lr=2" in md
-  assert "| base | 30.0% ± 10.0% | 10.0% ± 0.0% | 1.00 ± 0.00 | 100.0 ± 0.0 |" in md
+  assert "| base | 30.0% ± 10.0% | missing | 10.0% ± 0.0% | 1.00 ± 0.00 | 100.0 ± 0.0 |" in md
   assert "55.0% ± 7.1% (n=2)" in md and "90.0% (n=1)" in md
 
 
@@ -230,10 +231,11 @@ FAKE_MAIN = textwrap.dedent("""\
     os.makedirs(args["workdir"], exist_ok=True)
     with open(os.path.join(args["workdir"], "calls.txt"), "a") as f:
       f.write("x")
-    rows = [{"label": "base", "eval": "base", "missing": False, "accuracy": 0.1 * seed + lr,
+    rows = [{"label": "base", "name": "base", "missing": False, "accuracy": 0.1 * seed + lr,
              "format_error_rate": 0.0, "tool_calls_per_question": 1.0, "mean_length": 10.0 * (seed + 1)}]
+    comps = [{"a": "base", "b": "base", "metric": "accuracy", "diff": 0.1 * seed, "ci95": [0.05 * seed, 0.2]}]
     with open(os.path.join(args["workdir"], "results.json"), "w") as f:
-      json.dump(rows, f)
+      json.dump({"rows": rows, "comparisons": comps}, f)
     print("fake done", args["steps"])
 """)
 

@@ -269,3 +269,29 @@ def test_registered_custom_component():
       rw.register_reward("test_brevity")(lambda trajs, cfg, ctx: [])
   finally:
     rw.REWARD_COMPONENTS.pop("test_brevity")
+
+
+def test_registered_custom_combination():
+  @rw.register_combination("test_outcome_only_if_formatted", needs=lambda cfg: ["outcome", "format"])
+  def gated(trajs, components, cfg):
+    return [o if f == 0.0 else cfg.format_penalty for o, f in zip(components["outcome"], components["format"])]
+
+  try:
+    cfg = RewardConfig(combination="test_outcome_only_if_formatted", weights={})
+    assert cfg.components == ["outcome", "format"] and not cfg.uses_rm
+    bad = traj(text="<think>x</think><answer>\\boxed{Paris}</answer> trailing")
+    rewards, comps, _ = compute_rewards([traj("Paris"), traj("London"), bad], cfg)
+    assert rewards == [1.0, 0.0, -1.0] and set(comps) == {"outcome", "format"}
+    with pytest.raises(ValueError, match="already registered"):
+      rw.register_combination("test_outcome_only_if_formatted", needs=lambda cfg: [])(lambda t, c, cfg: [])
+  finally:
+    rw.COMBINATIONS.pop("test_outcome_only_if_formatted")
+  with pytest.raises(ValueError, match=r"rewards\.combination must be a registered combination"):
+    RewardConfig(combination="test_outcome_only_if_formatted")
+
+
+def test_builtin_combinations_name_their_components():
+  assert RewardConfig(weights={"outcome": 1.0, "format": 0.5, "rm": 0.0}).components == ["outcome", "format"]
+  assert RewardConfig(weights={"outcome": 1.0, "rm": 0.2}).uses_rm
+  assert RewardConfig(combination="reference").components == ["outcome", "format", "rm"]
+  assert not RewardConfig(combination="reference", reference_rm_coef=0.0).uses_rm

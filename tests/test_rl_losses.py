@@ -6,11 +6,26 @@ import numpy as np
 import optax
 import pytest
 
-from autotraj_jax.training.rl_losses import (AGGREGATIONS, aggregate_tokens, entropy_from_logits,
-                                             filter_uniform_groups, group_advantages, kl_penalty,
-                                             policy_loss)
+from autotraj_jax.training.rl import RLConfig
+from autotraj_jax.training.rl import losses as rl_losses
+from autotraj_jax.training.rl.advantages import (
+  ADVANTAGES,
+  AdvantageInputs,
+  estimate_advantages,
+  filter_uniform_groups,
+  group_advantages,
+  leave_one_out_advantages,
+  register_group_advantage,
+)
+from autotraj_jax.training.rl.losses import (
+  aggregate_tokens,
+  entropy_from_logits,
+  kl_penalty,
+  policy_loss,
+  register_aggregation,
+  register_kl,
+)
 from autotraj_jax.training.step import init_state, make_train_step
-
 
 # ---------------------------------------------------------------------------------------------
 # Group advantages.
@@ -76,6 +91,90 @@ def test_filter_uniform_groups():
   rewards = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [-1.0, -1.0, -1.0], [0.5, 0.5, 0.50001]])
   np.testing.assert_array_equal(filter_uniform_groups(rewards), [False, True, False, True])
   np.testing.assert_array_equal(filter_uniform_groups(rewards, atol=1e-3), [False, True, False, False])
+
+
+def test_rloo_advantages_hand_computed():
+  rewards = np.array([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 1.0, 1.0]])
+  # A_i = r_i - mean of the other three: group 0: 1 - 1/3, 0 - 2/3; group 1: 3 - 1, 1 - 5/3
+  want = np.array([[2 / 3, -2 / 3, -2 / 3, 2 / 3], [2.0, -2 / 3, -2 / 3, -2 / 3]])
+  np.testing.assert_allclose(leave_one_out_advantages(rewards), want, rtol=1e-6)
+  np.testing.assert_array_equal(leave_one_out_advantages(np.array([[5.0], [2.0]])), 0.0)  # no other sample
+  # through the registry: rows of one prompt are adjacent, each sequence's advantage on its model tokens
+  mask = np.array([[0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1]] * 2, np.float32)
+  out = _estimate("rloo", rewards.reshape(-1), 4, mask)
+  np.testing.assert_allclose(out.adv_BT, want.reshape(-1)[:, None] * mask, rtol=1e-6)
+  assert out.keep_B.all() and out.returns_BT is None
+
+
+def _estimate(name, rewards_B, n, mask, kl=None, values=None, **cfg):
+  inputs = AdvantageInputs(rewards_B=jnp.asarray(rewards_B, jnp.float32), group_size=n, mask_BT=jnp.asarray(mask),
+                           kl_BT=jnp.zeros(mask.shape) if kl is None else jnp.asarray(kl),
+                           values_BT=None if values is None else jnp.asarray(values))
+  return estimate_advantages(name, inputs, RLConfig(advantage=name, **cfg))
+
+
+def test_group_estimators_by_name():
+  r = np.array([1.0, 0.0, 0.25, 0.25])  # group 1 has equal rewards
+  mask = np.ones((4, 2), np.float32)
+  grpo = _estimate("grpo", r, 2, mask)
+  s = np.sqrt(0.5)  # unbiased std of {1, 0}
+  np.testing.assert_allclose(grpo.adv_BT[:, 0], [0.5 / (s + 1e-6), -0.5 / (s + 1e-6), 0.0, 0.0], rtol=1e-5)
+  np.testing.assert_allclose(_estimate("dr_grpo", r, 2, mask).adv_BT[:, 0], [0.5, -0.5, 0.0, 0.0])
+  kept = _estimate("dr_grpo", r, 2, mask, filter_uniform_groups=True)
+  assert kept.keep_B.tolist() == [True, True, False, False]
+  # KL in the reward: each sequence's summed KL is subtracted before the baseline
+  kl = np.array([[0.0, 0.0], [0.0, 0.0], [0.5, 0.5], [0.0, 0.0]], np.float32)
+  out = _estimate("dr_grpo", r, 2, mask, kl=kl, kl_coef=0.1, kl_in_reward=True)
+  np.testing.assert_allclose(out.adv_BT[2:, 0], [-0.05, 0.05], rtol=1e-5)
+  # a uniform-outcome group whose format term differs a little: GRPO blows it up, Dr. GRPO does not
+  small = np.array([1.0, 0.95])
+  assert float(_estimate("grpo", small, 2, mask[:2]).adv_BT[0, 0]) > 0.7
+  assert float(_estimate("dr_grpo", small, 2, mask[:2]).adv_BT[0, 0]) == pytest.approx(0.025)
+  with pytest.raises(ValueError, match="groups of 3"):
+    _estimate("rloo", r, 3, mask)
+
+
+def test_gae_estimator_needs_values_and_returns_targets():
+  mask = np.array([[0, 1, 1]], np.float32)
+  with pytest.raises(ValueError, match="critic"):
+    _estimate("gae", [1.0], 1, mask)
+  out = _estimate("gae", [1.0], 1, mask, values=np.array([[9.0, 0.25, 0.5]]), whiten_advantages=False, lam=1.0)
+  np.testing.assert_allclose(out.adv_BT, [[0.0, 0.75, 0.5]])  # reward on the last model token
+  np.testing.assert_allclose(out.returns_BT, [[0.0, 1.0, 1.0]])
+  assert RLConfig(advantage="gae").needs_critic and not RLConfig(advantage="rloo").needs_critic
+
+
+def test_registered_estimator_aggregation_and_kl():
+  try:
+    @register_group_advantage("test_max_baseline")
+    def max_baseline(rewards_Gn):
+      return rewards_Gn - jnp.max(rewards_Gn, axis=1, keepdims=True)
+
+    @register_aggregation("test_sum")
+    def total(v, m, max_len):
+      return jnp.sum(v), jnp.ones(())
+
+    @register_kl("test_abs")
+    def abs_kl(d):
+      return jnp.abs(d)
+
+    out = _estimate("test_max_baseline", [1.0, 3.0], 2, np.ones((2, 1), np.float32), agg="test_sum",
+                    kl_kind="test_abs")
+    np.testing.assert_allclose(out.adv_BT[:, 0], [-2.0, 0.0])
+    assert float(aggregate_tokens(np.array([[1.0, 2.0]]), np.ones((1, 2)), "test_sum")[0]) == 3.0
+    np.testing.assert_allclose(kl_penalty(np.array([1.0]), np.array([3.0]), "test_abs"), [2.0])
+    with pytest.raises(ValueError, match="already registered"):
+      register_aggregation("test_sum")(lambda v, m, n: (v, m))
+  finally:
+    ADVANTAGES.pop("test_max_baseline", None)
+    rl_losses.AGGREGATIONS.pop("test_sum", None)
+    rl_losses.KL_ESTIMATORS.pop("test_abs", None)
+
+
+def test_rl_config_names_the_bad_field():
+  for field, value in (("advantage", "ppo"), ("agg", "sum"), ("kl_kind", "k4")):
+    with pytest.raises(ValueError, match=rf"rl\.{field} must be a registered .*got '{value}'"):
+      RLConfig(**{field: value})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +251,7 @@ def test_masked_positions_get_exactly_zero_gradient_even_with_garbage():
   logp_g = np.where(mask, logp, 300.0).astype(np.float32)
   old_g = np.where(mask, old, -np.inf).astype(np.float32)
   adv_g = np.where(mask, adv, np.nan).astype(np.float32)
-  for agg in AGGREGATIONS:
+  for agg in sorted(rl_losses.AGGREGATIONS):
     clean_loss, clean_grad = _loss_and_grad(jnp.asarray(logp), old, adv, mask, agg=agg)
     loss, grad = _loss_and_grad(jnp.asarray(logp_g), old_g, adv_g, mask, agg=agg)
     assert np.isfinite(float(loss)) and np.all(np.isfinite(grad))
@@ -206,7 +305,7 @@ def _random_batch(seed, B=6, L=7):
   return logp, old, adv, mask
 
 
-@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize("agg", sorted(rl_losses.AGGREGATIONS))
 def test_micro_batch_sums_give_the_full_batch_value(agg):
   logp, old, adv, mask = _random_batch(2)
 
@@ -252,7 +351,7 @@ def test_train_step_accumulation_is_exact():
   step = jax.jit(make_train_step(loss_fn, optax.sgd(1.0)))
   results = []
   for accum in (1, 3):
-    batch = jax.tree.map(lambda x: jnp.asarray(x).reshape(accum, B // accum, *x.shape[1:]), data)
+    batch = jax.tree.map(lambda x, k=accum: jnp.asarray(x).reshape(k, B // k, *x.shape[1:]), data)
     state, metrics = step(init_state(params, optax.sgd(1.0), 0), batch)
     results.append((np.asarray(state.params["w"]), float(metrics["loss"])))
   for w, loss in results[1:]:

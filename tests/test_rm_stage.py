@@ -8,7 +8,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -17,11 +16,15 @@ from autotraj_jax import checkpoint
 from autotraj_jax import sharding as shd
 from autotraj_jax.metrics import read_metrics
 from autotraj_jax.models import abstract_model, get_preset
-from autotraj_jax.stages import Workdir
+from autotraj_jax.pipeline import rm as rm_pipeline
+from autotraj_jax.pipeline.builders import is_held_out
+from autotraj_jax.pipeline.config import base_config
+from autotraj_jax.pipeline.workdir import Workdir
 from autotraj_jax.tir.prompts import prompt_ids
-from autotraj_jax.tir.trajectory import Segment, Trajectory
+from autotraj_jax.tir.trajectory import PreferencePair, Segment, Trajectory
 from autotraj_jax.training import data as data_lib
-from autotraj_jax.training import rm_stage as rm
+from autotraj_jax.training import reward_model as rm
+from autotraj_jax.training import rm_scorer
 from autotraj_jax.training.reward_model import bradley_terry_loss
 from autotraj_jax.training.step import init_state, make_train_step
 
@@ -53,7 +56,7 @@ def init_params(cfg, kind, seed):
   return graphdef, jax.tree_util.tree_map_with_path(one, abstract)
 
 
-_scores = jax.jit(rm.sequence_scores, static_argnums=0)
+_scores = jax.jit(rm_scorer.sequence_scores, static_argnums=0)
 
 
 def forward_scores(graphdef, params, seqs, L):
@@ -142,25 +145,28 @@ def test_rm_learns_a_marker_token():
   opt = optax.adam(5e-3)
   step = jax.jit(make_train_step(rm.make_rm_loss(graphdef, center_coef=0.01), opt))
   state = init_state(params, opt, seed=0)
-  scores = rm.make_pair_eval(graphdef, held, buckets=(16,), batch_size=64, pad_id=0)
-  assert rm.pair_metrics(*scores(state.params))["pair_accuracy"] < 0.9
+  scores = rm_scorer.make_pair_eval(graphdef, held, buckets=(16,), batch_size=64, pad_id=0)
+  assert rm_scorer.pair_metrics(*scores(state.params))["pair_accuracy"] < 0.9
   for i in range(30):
     batch = rm.collate_pairs(train[(i * 16) % 256:][:16], (16,), 0)
     state, metrics = step(state, data_lib.split_micro(batch, 1))
-  m = rm.pair_metrics(*scores(state.params))
+  m = rm_scorer.pair_metrics(*scores(state.params))
   assert m["pair_accuracy"] > 0.9 and m["pair_margin"] > 0
 
 
 # ---- the stage on a tiny synthetic workdir -------------------------------------------------------
 
 RM_CFG = dict(init="policy", steps=4, batch_size=8, micro_batch_size=0, learning_rate=3e-3, warmup_steps=1,
-              buckets=(160,), margin_low=0.0, margin_wrong=0.5, center_coef=0.01, eval_fraction=0.25,
+              buckets=(160,), margin_low=0.0, margin_wrong=0.5, center_coef=0.01,
               eval_every=2, max_score_samples=4, log_every=1, checkpoint_every=2)
 
 
-def make_config(tokenizer_dir, **rm_overrides):
-  return ml_collections.ConfigDict({"seed": 0, "model": {"tokenizer_dir": tokenizer_dir},
-                                    "rm": {**RM_CFG, **rm_overrides}})
+def make_config(tokenizer_dir, heldout_fraction=0.25, **rm_overrides):
+  c = base_config()
+  c.model.tokenizer_dir = tokenizer_dir
+  c.heldout_fraction = heldout_fraction
+  c.rm.update({**RM_CFG, **rm_overrides})
+  return c
 
 
 SEGMENTS = {
@@ -195,11 +201,11 @@ def write_inputs(root, tok, num_questions):
     low, wrong = make_traj(tok, qid, 1, "low", a, b), make_traj(tok, qid, 2, "wrong", a, b, eos=True)
     scored += [good, low, wrong]
     for orig in (low, wrong):
-      pairs.append({"id": f"{orig.id}>{good.id}", "question_id": qid, "failure_type": orig.quality,
-                    "chosen": good.to_dict(), "rejected": orig.to_dict()})
+      pairs.append(PreferencePair(id=f"{orig.id}>{good.id}", question_id=qid, failure_type=orig.quality,
+                                  chosen=good, rejected=orig))
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, "pairs.jsonl"), "w") as f:
-    f.writelines(json.dumps(p) + "\n" for p in pairs)
+    f.writelines(json.dumps(p.to_dict()) + "\n" for p in pairs)
   with open(os.path.join(root, "scored.jsonl"), "w") as f:
     f.writelines(t.to_json() + "\n" for t in scored)
   return pairs
@@ -227,8 +233,8 @@ spec = json.loads(sys.argv[2])
 sys.path.insert(0, spec["repo"])
 import ml_collections
 from autotraj_jax import metrics
-from autotraj_jax.stages import Workdir
-from autotraj_jax.training.rm_stage import rm_stage
+from autotraj_jax.pipeline.rm import rm_stage
+from autotraj_jax.pipeline.workdir import Workdir
 
 def run(root):
   rm_stage(ml_collections.ConfigDict(spec["config"]), Workdir(root))
@@ -313,7 +319,9 @@ def test_rm_stage_writes_eval_plot_and_hf(rm_run):
   with open(wd.path("rm", "eval.json")) as f:
     ev = json.load(f)
   assert ev["trained"] and ev["steps"] == 4 and ev["truncated_pairs"] == 0
-  assert ev["total_pairs"] == len(pairs) and ev["pairs"] + ev["train_pairs"] == len(pairs) and ev["pairs"] == 8
+  held = [p for p in pairs if is_held_out(p.question_id, 0.25, seed=0)]  # the same rule as SFT's
+  assert ev["total_pairs"] == len(pairs) and ev["pairs"] + ev["train_pairs"] == len(pairs)
+  assert ev["pairs"] == len(held) > 0
   assert 0.0 <= ev["pair_accuracy"] <= 1.0 and np.isfinite(ev["pair_margin"])
   assert set(ev["pair_accuracy_by_failure"]) == {"low", "wrong"}
   assert {q: s["n"] for q, s in ev["scores"].items()} == {"high": 4, "low": 4, "wrong": 4}
@@ -351,19 +359,19 @@ def test_init_rm_params_keeps_the_transformer(stage_inputs, tmp_path):
 
 def test_scorer_matches_training_forward_and_raw_text(rm_run, demo_tokenizer):
   wd, _, pairs = rm_run
-  scorer = rm.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(128, 160), batch_size=4)
+  scorer = rm_scorer.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(128, 160), batch_size=4)
   cfg, _, params = checkpoint.load_model(wd.path("rm", "checkpoints"))
   graphdef, _ = abstract_model(cfg, "scalar")
   ex = [rm.pair_example(p, demo_tokenizer) for p in pairs[:3]]
   rc, rr = jax.jit(lambda p, b: rm.pair_forward(graphdef, p, b))(params, rm.collate_pairs(ex, (160,), 0))
-  trajs = [Trajectory.from_dict(p[side]) for p in pairs[:3] for side in ("chosen", "rejected")]
+  trajs = [t for p in pairs[:3] for t in (p.chosen, p.rejected)]
   got = scorer(trajs)
   np.testing.assert_allclose(got, np.stack([rc, rr], 1).reshape(-1), rtol=1e-5, atol=1e-5)
   assert np.std(got) > 1e-4
   assert scorer.num_compiles == 2 and scorer.truncated == 0  # the 128 and 160 buckets, batches of 4
   assert scorer(trajs[::-1]) == pytest.approx(got[::-1], abs=1e-6) and scorer.num_compiles == 2
   # Raw text through the chat prompt scores as the Trajectory with the same text.
-  t = Trajectory.from_dict(pairs[1]["chosen"])
+  t = pairs[1].chosen
   assert t.response_ids[-1] == demo_tokenizer.eos_token_id  # an eos-terminated response
   assert rm.rm_input(t, scorer.end_ids)[len(t.prompt_ids):] == demo_tokenizer.encode(t.text, add_special_tokens=False)
   assert scorer.score_question(t.question, t.text) == pytest.approx(scorer([t])[0], abs=1e-6)
@@ -374,8 +382,8 @@ def test_hf_sequence_classifier_matches(rm_run, demo_tokenizer):
   torch = pytest.importorskip("torch")
   import transformers
   wd, _, pairs = rm_run
-  scorer = rm.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(160,), batch_size=4)
-  trajs = [Trajectory.from_dict(p[side]) for p in pairs[:2] for side in ("chosen", "rejected")]
+  scorer = rm_scorer.RewardModelScorer(wd.path("rm", "checkpoints"), demo_tokenizer, buckets=(160,), batch_size=4)
+  trajs = [t for p in pairs[:2] for t in (p.chosen, p.rejected)]
   seqs = [rm.rm_input(t, scorer.end_ids) for t in trajs]
   tokens, valid, _ = rm.pad_sequences(seqs, max(map(len, seqs)), demo_tokenizer.pad_token_id)
   model = transformers.AutoModelForSequenceClassification.from_pretrained(wd.path("rm", "hf")).eval()
@@ -386,7 +394,7 @@ def test_hf_sequence_classifier_matches(rm_run, demo_tokenizer):
 
 def test_too_few_pairs_writes_untrained_eval(tmp_path, demo_tokenizer, demo_tokenizer_dir):
   write_inputs(tmp_path, demo_tokenizer, num_questions=3)  # 6 pairs, fewer than a batch of 8
-  rm.rm_stage(make_config(demo_tokenizer_dir, eval_fraction=0.0), Workdir(str(tmp_path)))
+  rm_pipeline.rm_stage(make_config(demo_tokenizer_dir, heldout_fraction=0.0), Workdir(str(tmp_path)))
   with open(tmp_path / "rm" / "eval.json") as f:
     ev = json.load(f)
   assert ev["trained"] is False and "fewer than one batch" in ev["reason"]

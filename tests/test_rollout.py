@@ -1,14 +1,14 @@
 import json
+import logging
 
 import pytest
+from scripted_backend import ScriptedBackend
 
-from autotraj_jax.engine import SamplingParams
+from autotraj_jax.engine import PROMPT_TOO_LONG, SamplingParams, prompt_too_long
 from autotraj_jax.tir import prompts
 from autotraj_jax.tir.rollout import Query, RolloutConfig, limit_message, run_rollouts
 from autotraj_jax.tir.tools import ToolResult
-from autotraj_jax.tir.trajectory import (JsonlAppender, RecordError, Trajectory, read_trajectories)
-
-from scripted_backend import ScriptedBackend
+from autotraj_jax.tir.trajectory import JsonlAppender, RecordError, Trajectory, read_trajectories
 
 
 class EchoTool:
@@ -112,10 +112,51 @@ def test_jsonl_round_trip_and_errors(demo_tokenizer, tmp_path):
   bad = json.loads(traj.to_json())
   del bad["segments"][1]["token_ids"]
   (tmp_path / "bad.jsonl").write_text(traj.to_json() + "\n" + json.dumps(bad) + "\n")
-  with pytest.raises(RecordError, match=r"bad.jsonl:2: missing field segments\[1\].'token_ids'"):
+  with pytest.raises(RecordError, match=r"bad.jsonl:2: missing field segments\[1\]\.token_ids"):
     read_trajectories(tmp_path / "bad.jsonl")
   (tmp_path / "bad2.jsonl").write_text("{not json}\n")
   with pytest.raises(RecordError, match="bad2.jsonl:1: invalid JSON"):
     read_trajectories(tmp_path / "bad2.jsonl")
   with pytest.raises(RecordError, match="schema version"):
     Trajectory.from_dict({**json.loads(traj.to_json()), "version": 99})
+
+
+class ContextLimit:
+  """A backend that cannot take contexts longer than `max_len` tokens (as a full prompt bucket)."""
+
+  def __init__(self, inner, max_len):
+    self.inner, self.max_len, self.seen = inner, max_len, []
+
+  def generate(self, requests):
+    self.seen.append(len(requests))
+    assert len(self.seen) < 20, "the tool loop keeps re-sending a prompt the backend refused"
+    fits = [r for r in requests if len(r.prompt_ids) <= self.max_len]
+    done = iter(self.inner.generate(fits) if fits else [])
+    return [next(done) if len(r.prompt_ids) <= self.max_len else prompt_too_long(r) for r in requests]
+
+
+def test_prompt_too_long_ends_only_that_trajectory(demo_tokenizer, caplog):
+  long_q = "Explain " + "in great detail " * 60 + "what 6*7 is?"
+  scripts = {"6*7?": ["<code>print(6*7)</code>", "<answer>\\boxed{42}</answer>"],
+             long_q: ["<answer>\\boxed{42}</answer>"],
+             "grow?": ["<code>" + "x = 1\n" * 30 + "</code>", "<answer>\\boxed{1}</answer>"]}
+  inner, cfg, queries = _setup(demo_tokenizer, scripts)
+  short = max(len(prompts.prompt_ids(demo_tokenizer, q)) for q in ("6*7?", "grow?"))
+  backend = ContextLimit(inner, short + 40)  # the short prompts fit; "grow?" outgrows it on turn 2
+  with caplog.at_level(logging.WARNING, logger="autotraj_jax.tir.rollout"):
+    ok, long_t, grown = run_rollouts(backend, demo_tokenizer, queries, {"code": EchoTool()}, cfg)
+  assert ok.finish_reason == "answer" and ok.answer == "42"
+  assert long_t.finish_reason == PROMPT_TOO_LONG and long_t.segments == [] and long_t.answer is None
+  assert grown.finish_reason == PROMPT_TOO_LONG and [s.kind for s in grown.segments] == ["model", "tool"]
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "2 trajectories" in warnings[0] and "engine.prompt_buckets" in warnings[0]
+
+
+def test_several_golds_round_trip(demo_tokenizer, tmp_path):
+  backend, cfg, _ = _setup(demo_tokenizer, {"6*7?": ["<answer>\\boxed{42}</answer>"]})
+  query = Query(id="q0", question="6*7?", gold=("42", "forty-two"))
+  [traj] = run_rollouts(backend, demo_tokenizer, [query], {}, cfg)
+  assert traj.gold == ["42", "forty-two"]
+  with JsonlAppender(tmp_path / "t.jsonl") as w:
+    w.write(traj)
+  assert read_trajectories(tmp_path / "t.jsonl") == [traj]

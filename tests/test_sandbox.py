@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from autotraj_jax.tir.sandbox import LAYERS, PythonSandbox
+from autotraj_jax.tir.sandbox import LAYERS, PythonSandbox, SandboxStartupError
 from autotraj_jax.tir.tools import ToolResult, make_tool
 
 SECRET = "autotraj-sandbox-secret-7f3a9"
@@ -564,3 +564,164 @@ def _cmdline_has(pid: str, marker: str) -> bool:
       return marker.encode() in f.read()
   except OSError:
     return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Fairness of the worker pool.
+
+
+def test_pool_serves_waiters_first_in_first_out():
+  """200 calls from 8 threads: no call waits longer than the calls queued ahead of it take.
+
+  (Before the queue, a thread that released a worker took it straight back, and a few early
+  callers waited for most of the run.)
+
+  Arrival is recorded under the pool's own lock (so it is the queue order); each call's wait is
+  bounded by the (at most 7) calls ahead of it, each at most the slowest call seen.
+  """
+  threads, per_thread = 8, 25
+  with PythonSandbox(workers=2, timeout_s=TIMEOUT_S, preimport=("math",)) as sb:
+    assert sb("pass").ok
+    orig_acquire, orig_release = sb._acquire, sb._release
+    waits, services, started = [], [], threading.local()
+    lock = threading.Lock()
+
+    def acquire(sid):
+      with sb._cv:
+        arrived = time.monotonic()
+      w = orig_acquire(sid)
+      started.t = time.monotonic()
+      with lock:
+        waits.append(started.t - arrived)
+      return w
+
+    def release(w):
+      with lock:
+        services.append(time.monotonic() - started.t)
+      orig_release(w)
+
+    sb._acquire, sb._release = acquire, release
+    failures = []
+
+    def work(k):
+      for i in range(per_thread):
+        r = sb(f"import time; time.sleep(0.05); print({k * per_thread + i})")
+        if not r.ok or r.output != f"{k * per_thread + i}\n":
+          failures.append(r)
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in pool:
+      t.start()
+    for t in pool:
+      t.join()
+  assert not failures, failures[:3]
+  assert len(waits) == threads * per_thread
+  bound = (threads - 1) * max(services) + 0.5
+  assert max(waits) <= bound, (max(waits), bound, sorted(waits)[-5:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up: where the interpreter lives, what must import, the CLI.
+
+
+def _venv_under_tmp(root: str) -> str:
+  """A virtualenv in /tmp whose own site-packages physically hold numpy, sympy and mpmath.
+
+  Hard links (copies across file systems) of the installed packages: fast, and no index needed.
+  """
+  import numpy
+  import sympy
+  venv = os.path.join(root, "venv")
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=60)
+  site = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
+                         "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+  assert site.startswith(venv + "/"), site
+  host_site = os.path.dirname(os.path.dirname(numpy.__file__))
+  names = ["numpy", "sympy", "mpmath", *[n for n in os.listdir(host_site) if n.startswith("numpy.libs")]]
+  assert os.path.dirname(os.path.dirname(sympy.__file__)) == host_site
+  for name in names:
+    try:
+      shutil.copytree(os.path.join(host_site, name), os.path.join(site, name), copy_function=os.link)
+    except OSError:
+      shutil.copytree(os.path.join(host_site, name), os.path.join(site, name), dirs_exist_ok=True)
+  os.makedirs(os.path.join(site, "venvprobe"))
+  with open(os.path.join(site, "venvprobe", "__init__.py"), "w") as f:
+    f.write("WHERE = __file__\n")
+  return venv
+
+
+def test_virtualenv_under_tmp_keeps_numpy_and_sympy():
+  """The supervisor covers /tmp; the venv's prefix and site-packages must still be bound in."""
+  root = tempfile.mkdtemp(dir="/tmp", prefix="sandbox-venv-")
+  try:
+    venv = _venv_under_tmp(root)
+    prog = ("import json\n"
+            "from autotraj_jax.tir.sandbox import PythonSandbox\n"
+            "with PythonSandbox(workers=1, timeout_s=20.0, cpu_s=20) as sb:\n"
+            "  layers = sb.isolation\n"
+            "  r = sb('import numpy, sympy, venvprobe\\n'\n"
+            "         'print(numpy.__file__, sympy.__file__, venvprobe.WHERE)\\n'\n"
+            "         'print(int(numpy.ones(3).sum()), sympy.factorint(12))')\n"
+            "print(json.dumps({'mount_ns': layers['mount_ns'], 'pre': layers['preimported'],\n"
+            "                  'ok': r.ok, 'out': r.output}))\n")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([os.path.join(venv, "bin", "python"), "-c", prog], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"numpy", "sympy"} <= set(got["pre"]), got
+    assert got["ok"], got
+    paths, values = got["out"].splitlines()
+    assert all(p.startswith(venv + "/") for p in paths.split()), paths  # not the host's copies
+    assert values == "3 {2: 2, 3: 1}"
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_failed_preimport_is_a_startup_error():
+  with PythonSandbox(workers=1, preimport=("math", "autotraj_no_such_module")) as sb:
+    r = sb("print(1)")
+    assert not r.ok and r.error.startswith("SandboxStartupError"), r
+    assert "autotraj_no_such_module" in r.error and "pre-import" in r.error
+    r2 = sb("print(2)")  # not retried: the same clear answer, at once
+    assert not r2.ok and r2.error == r.error
+    with pytest.raises(SandboxStartupError, match="autotraj_no_such_module"):
+      sb.isolation
+
+
+@pytest.mark.parametrize("content", [None, b"print('\\xff')\n\xff\xfe"], ids=["missing", "not-utf8"])
+def test_cli_bad_file_prints_one_json_object(tmp_path, content):
+  path = tmp_path / "prog.py"
+  if content is not None:
+    path.write_bytes(content)
+  proc = subprocess.run([sys.executable, "-m", "autotraj_jax.tir.sandbox", str(path)],
+                        capture_output=True, text=True, timeout=60, cwd=REPO)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1, proc.stdout
+  out = json.loads(lines[0])
+  assert set(out) == {"ok", "output", "error", "elapsed_s"}
+  assert out["ok"] is False and out["error"].startswith(f"cannot read {path}"), out
+
+
+def test_supervisor_modules_use_only_the_standard_library():
+  """The supervisor runs these sources in `python -I`: nothing outside the stdlib may be imported."""
+  import ast as ast_mod
+
+  from autotraj_jax.tir.sandbox.worker import BUNDLE
+  pkg = os.path.join(REPO, "autotraj_jax", "tir", "sandbox")
+  for name in BUNDLE:
+    with open(os.path.join(pkg, f"{name}.py"), encoding="utf-8") as f:
+      tree = ast_mod.parse(f.read())
+    for node in ast_mod.walk(tree):
+      if isinstance(node, ast_mod.Import):
+        mods = [a.name for a in node.names]
+      elif isinstance(node, ast_mod.ImportFrom):
+        mods = [] if node.level else [node.module]
+        if node.level:
+          assert node.module in BUNDLE, (name, node.module)
+      else:
+        continue
+      for m in mods:
+        assert m.split(".")[0] in sys.stdlib_module_names or m == "__future__", (name, m)

@@ -1,10 +1,11 @@
+import dataclasses
 import math
 
 import pytest
 
+from autotraj_jax.scoring import HIGH, LOW, PRESETS, WRONG, ScoringConfig, score_group
 from autotraj_jax.tir.format import extract_answer
 from autotraj_jax.tir.trajectory import Segment, ToolCall, Trajectory
-from autotraj_jax.scoring import HIGH, LOW, WRONG, PRESETS, ScoringConfig, score_group
 
 REF = PRESETS["reference"]
 
@@ -92,7 +93,8 @@ def test_floors_make_one_flaw_low_quality_whatever_the_total():
   segs = [Segment("model", [], "<think>add</think>\n<code>print(40+2)</code>"),
           Segment("tool", [], "\n<result>\n42\n</result>\n"),
           Segment("model", [], "<think>so 42</think>\n<answer>The final answer is \\boxed{42}</answer>")]
-  one_failed = [ToolCall("code", "print(x)", "NameError", False, 0.01)]
+  one_failed = [ToolCall("code", "print(x)", "NameError", False, 0.01),
+                ToolCall("code", "print(40+2)", "42", True, 0.01)]
   [s] = score_group([traj(None, calls=one_failed, segments=segs)], PRESETS["autotraj"])
   assert s.total >= PRESETS["autotraj"].high_threshold  # the weighted total alone would keep it
   assert s.category == LOW and any(d.startswith("tool_use: failed code call") for d in s.diagnosis())
@@ -101,3 +103,22 @@ def test_floors_make_one_flaw_low_quality_whatever_the_total():
   assert s.category == HIGH
   with pytest.raises(ValueError, match="unknown scorers"):
     ScoringConfig(weights={"length": 1.0}, floors={"vibes": 0.5})
+
+
+def test_an_answer_resting_on_no_successful_tool_call_scores_zero_on_tool_use():
+  cfg = PRESETS["autotraj"]
+  failed = [ToolCall("code", "print(x)", "NameError", False, 0.01)]
+  guess, only_failed, worked = score_group(
+      [traj(SHORT, tid="guess"), traj(SHORT, calls=failed, tid="failed"),
+       traj(SHORT, calls=[ToolCall("code", "print(6*7)", "42", True, 0.01)], tid="worked")], cfg)
+  assert guess.scores["tool_use"].value == 0.0
+  assert guess.scores["tool_use"].reason == "answer without a successful tool call"
+  # Every other dimension is perfect, yet a guess is no high-quality example, floors or not.
+  assert guess.total == pytest.approx(0.8) and guess.category == LOW
+  assert score_group([traj(SHORT)], ScoringConfig(weights=cfg.weights))[0].category == LOW
+  assert only_failed.scores["tool_use"].value == 0.0 and "failed code call" in only_failed.scores["tool_use"].reason
+  assert worked.scores["tool_use"].value == 1.0 and worked.category == HIGH
+  # No answer: nothing is claimed (correctness scores it). Data whose tasks need no tool opts out.
+  assert score_group([traj("<think>x</think>")], cfg)[0].scores["tool_use"].value == 1.0
+  [free] = score_group([traj(SHORT)], dataclasses.replace(cfg, answer_needs_tool=False))
+  assert free.scores["tool_use"].value == 1.0 and free.category == HIGH

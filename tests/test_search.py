@@ -1,5 +1,7 @@
 """BM25 index (build, cache, ranking), the retrieval server and client, and the search tool."""
 
+import concurrent.futures
+import http.client
 import json
 import os
 import select
@@ -15,8 +17,16 @@ pytest.importorskip("bm25s")
 
 from autotraj_jax.tir import search as search_mod  # noqa: E402
 from autotraj_jax.tir.search import (  # noqa: E402
-  BM25Index, CorpusError, Passage, SearchClient, SearchError, SearchTool, format_passages,
-  parse_reply, split_title)
+  BM25Index,
+  CorpusError,
+  Passage,
+  SearchClient,
+  SearchError,
+  SearchTool,
+  format_passages,
+  parse_reply,
+  split_title,
+)
 from autotraj_jax.tir.search_server import make_server  # noqa: E402
 from autotraj_jax.tir.tools import make_tool  # noqa: E402
 
@@ -201,3 +211,100 @@ def test_server_cli_subprocess(corpus, tmp_path):
   finally:
     proc.terminate()
     proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server under load and hostile clients (localhost only; every wait is bounded).
+
+
+def _post_raw(port: int, path: str, body: bytes, timeout: float = 30.0,
+              headers: dict[str, str] | None = None) -> tuple[int, dict]:
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+  try:
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json",
+                                                   "Connection": "close", **(headers or {})})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read() or b"null")
+  finally:
+    conn.close()
+
+
+@pytest.fixture
+def served(index):
+  """Starts make_server(index, **kw) on a free port; yields its port; always shut down."""
+  servers = []
+
+  def start(**kw):
+    server = make_server(index, "127.0.0.1", 0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    servers.append(server)
+    return server.server_address[1]
+
+  yield start
+  for server in servers:
+    server.shutdown()
+    server.server_close()
+
+
+def test_server_answers_a_burst_without_resets(served):
+  port = served()
+  body = json.dumps({"query": "Westfield shopping", "top_n": 2}).encode()
+
+  def one(_):
+    try:
+      return _post_raw(port, "/search", body)[0]
+    except OSError as e:  # a reset or refused connection
+      return f"{type(e).__name__}: {e}"
+
+  with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    codes = list(pool.map(one, range(500)))
+  failed = [c for c in codes if c != 200]
+  assert not failed, (len(failed), failed[:5])
+
+
+def test_stalled_clients_time_out_and_do_not_exhaust_the_server(served):
+  max_threads = 4
+  port = served(max_threads=max_threads, timeout_s=0.5)
+  liars = []
+  for _ in range(5 * max_threads):  # each claims 1000 bytes, sends 10, then stalls
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"query\":")
+    liars.append(s)
+  try:
+    status, docs = _post_raw(port, "/search", json.dumps({"query": "Tang emperor"}).encode())
+    assert status == 200 and docs[0]["id"] == "d2"
+    handlers = [t for t in threading.enumerate() if t.name.startswith(f"search-server-{port}_")]
+    assert len(handlers) <= max_threads, len(handlers)
+    for s in liars:  # the server gave up on every one of them (end of stream, no hang)
+      assert s.recv(1024) == b""
+  finally:
+    for s in liars:
+      s.close()
+
+
+@pytest.mark.parametrize("body,detail", [
+  (b'{"query": "caf\xe9"}', "not UTF-8"),
+  (b'{"query": "x",', "not JSON"),
+  (b'["x"]', "JSON object"),
+  (b'{"query": 5}', "non-empty string"),
+  (b'{"query": "x", "top_n": "3"}', "top_n"),
+], ids=["non-utf8", "bad-json", "not-object", "wrong-type", "bad-top-n"])
+def test_bad_bodies_get_400(served, body, detail):
+  status, reply = _post_raw(served(), "/search", body)
+  assert status == 400 and detail in reply["detail"], reply
+
+
+def test_batch_with_wrong_fields_gets_400(served):
+  status, reply = _post_raw(served(), "/batch_search", json.dumps({"query": ["a", 1]}).encode())
+  assert status == 400 and "list of strings" in reply["detail"]
+
+
+def test_oversized_body_gets_413_not_a_broken_pipe(served):
+  from autotraj_jax.tir.search_server import MAX_BODY_BYTES
+  port = served()
+  body = b'{"query": "' + b"x" * (MAX_BODY_BYTES + (1 << 20)) + b'"}'  # about 11 MB
+  status, reply = _post_raw(port, "/search", body)
+  assert status == 413 and "limit" in reply["detail"], reply
+  status, reply = _post_raw(port, "/search", b"", headers={"Content-Length": "-5"})
+  assert status == 400 and "Content-Length" in reply["detail"]
+  assert _post_raw(port, "/search", json.dumps({"query": "volcanoes"}).encode())[0] == 200

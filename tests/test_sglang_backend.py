@@ -18,12 +18,18 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
+import sglang_server
 
 from autotraj_jax.engine.backend import GenerationRequest, SamplingParams
-from autotraj_jax.engine.sglang_backend import (SEED_MODULUS, SGLangBackend, SGLangGenerationError,
-                                                request_payload)
-
-import sglang_server
+from autotraj_jax.engine.sglang_backend import SGLangBackend, SGLangGenerationError, SGLangServersDown
+from autotraj_jax.engine.sglang_protocol import (
+  SEED_MODULUS,
+  check_urls,
+  context_limits,
+  is_context_error,
+  new_token_cap,
+  request_payload,
+)
 
 # ---------------------------------------------------------------- fake server
 
@@ -56,9 +62,14 @@ class FakeSGLang:
   """/health, /get_model_info, /get_server_info and /generate, with a pluggable reply."""
 
   def __init__(self, reply: Callable[[dict, int], tuple[int, dict]] = echo,
-               deterministic: bool = False, delay: Callable[[dict], float] | None = None):
+               deterministic: bool = False, delay: Callable[[dict], float] | None = None, *,
+               model: str = "fake", server_info: dict[str, Any] | None = None, die_at: int | None = None,
+               port: int = 0):
     self.reply, self.delay = reply, delay
     self.deterministic = deterministic
+    self.model, self.server_info = model, dict(server_info or {})
+    self.die_at = die_at  # the die_at-th POST kills the server and is never answered
+    self.answered = 0
     self.bodies: list[dict[str, Any]] = []
     self.attempts: dict[tuple, int] = {}
     self.in_flight = self.max_in_flight = 0
@@ -89,9 +100,9 @@ class FakeSGLang:
         if self.path == "/health":
           self._send(200, {})
         elif self.path == "/get_model_info":
-          self._send(200, {"model_path": "fake", "is_generation": True})
+          self._send(200, {"model_path": fake.model, "is_generation": True})
         elif self.path == "/get_server_info":
-          self._send(200, {"enable_deterministic_sampling": fake.deterministic})
+          self._send(200, {"enable_deterministic_sampling": fake.deterministic, **fake.server_info})
         else:
           self._send(404, {"error": "not found"})
 
@@ -103,6 +114,10 @@ class FakeSGLang:
           attempt = fake.attempts[key] = fake.attempts.get(key, 0) + 1
           fake.in_flight += 1
           fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+          dies = fake.die_at is not None and len(fake.bodies) >= fake.die_at
+        if dies:  # the process dies: this request and every open connection are cut
+          fake.kill()
+          return
         try:
           if fake.delay:
             time.sleep(fake.delay(body))
@@ -111,21 +126,37 @@ class FakeSGLang:
           with fake.lock:
             fake.in_flight -= 1
         self._send(status, obj)
+        with fake.lock:
+          fake.answered += 1
 
-    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.server.daemon_threads = True
+    class Server(http.server.ThreadingHTTPServer):
+      daemon_threads = True
+
+      def handle_error(self, request, client_address):  # writes to a killed connection fail: expected
+        pass
+
+    self.server = Server(("127.0.0.1", port), Handler)
     self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    self.dead = False
 
   def __enter__(self) -> "FakeSGLang":
     threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
     return self
 
-  def __exit__(self, *exc):
-    self.server.shutdown()
+  def kill(self) -> None:
+    """Stop listening (new connections are refused) and cut every open connection."""
+    with self.lock:
+      if self.dead:
+        return
+      self.dead = True
+    threading.Thread(target=self.server.shutdown, daemon=True).start()  # safe from a handler thread
     self.server.server_close()
     for conn in self.connections:  # keep-alive handlers would otherwise keep answering
       with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_RDWR)
+
+  def __exit__(self, *exc):
+    self.kill()
 
 
 @contextlib.contextmanager
@@ -224,7 +255,7 @@ def test_permanent_failure_raises_naming_the_failed_requests():
 
 
 def test_client_errors_are_not_retried():
-  fake = FakeSGLang(lambda body, attempt: (400, {"message": "input is longer than the context"}))
+  fake = FakeSGLang(lambda body, attempt: (400, {"error": {"message": "top_k must be -1 or >= 1"}}))
   with backend_for(fake, max_retries=4) as b, pytest.raises(SGLangGenerationError) as e:
     b.generate([req(1), req(2)])
   assert set(e.value.failures) == {0, 1} and "HTTP 400" in str(e.value)
@@ -309,6 +340,171 @@ def test_request_payload_is_pure():
   assert request_payload(r, seed=9)["sampling_params"]["sampling_seed"] == 9
 
 
+# ---------------------------------------------------------------- several servers
+
+@contextlib.contextmanager
+def backend_over(fakes: list[FakeSGLang], **kw) -> Iterator[SGLangBackend]:
+  kw.setdefault("backoff_s", 0.01)
+  with contextlib.ExitStack() as stack:
+    for f in fakes:
+      stack.enter_context(f)
+    with SGLangBackend([f.url for f in fakes], FakeTokenizer(), **kw) as b:
+      yield b
+
+
+def test_urls_accept_one_string_a_list_or_a_comma_separated_string():
+  assert check_urls("http://a:1/") == ("http://a:1",)
+  both = ("http://a:1", "http://b:2")
+  assert check_urls(["http://a:1", "http://b:2/"]) == check_urls("http://a:1, http://b:2") == both
+  for bad, needle in [("", "empty"), ((), "empty"), (None, "empty"), ("a:1", "http://host:port"),
+                      ("http://a:1,", "empty"), (["http://a:1", "http://a:1/"], "listed twice")]:
+    with pytest.raises(ValueError, match=needle) as e:
+      check_urls(bad)
+    assert "sglang.urls" in str(e.value)
+
+
+def test_ties_go_round_robin():
+  fakes = [FakeSGLang() for _ in range(3)]
+  with backend_over(fakes, max_concurrency=1) as b:
+    for i in range(6):  # one at a time: every server is idle, so the turn decides
+      assert b.generate([req(i)])[0].token_ids == [100 + i]
+  assert [[d["input_ids"][0] for d in f.bodies] for f in fakes] == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_a_stuck_server_gets_no_more_than_its_cap_and_the_other_serves_the_rest():
+  release = threading.Event()
+  fast = FakeSGLang()
+  cap, n = 2, 12
+
+  def slow_reply(body, attempt):
+    release.wait(10)  # held until the fast server has done the rest (bounded if it never does)
+    return echo(body, attempt)
+
+  def fast_reply(body, attempt):
+    with fast.lock:
+      if len(fast.bodies) >= n - cap:
+        release.set()
+    return echo(body, attempt)
+
+  fast.reply = fast_reply
+  slow = FakeSGLang(slow_reply)
+  with backend_over([slow, fast], max_concurrency=cap) as b:
+    out = b.generate([req(i) for i in range(n)])
+    stats = b.stats()
+  assert [c.token_ids for c in out] == [[100 + i] for i in range(n)]
+  assert 1 <= len(slow.bodies) <= cap and len(slow.bodies) + len(fast.bodies) == n
+  assert slow.max_in_flight <= cap and fast.max_in_flight <= cap
+  assert stats[slow.url]["served"] == len(slow.bodies) and stats[fast.url]["served"] == len(fast.bodies)
+
+
+def test_a_server_dying_mid_batch_loses_no_request_and_comes_back_when_restarted():
+  dying = FakeSGLang(delay=lambda body: 0.005, die_at=6)
+  other = FakeSGLang(delay=lambda body: 0.03)
+  n = 40
+  with backend_over([dying, other], max_concurrency=4) as b:
+    out = b.generate([req(i, 1000 + i) for i in range(n)])
+    assert [c.token_ids for c in out] == [[100 + i, 1100 + i] for i in range(n)]  # all of them, in order
+    assert dying.dead and dying.answered < 6 and b.stats()[dying.url]["up"] is False
+    cut = len(dying.bodies) - dying.answered  # posted to it and never answered: retried on the other
+    assert cut >= 1 and len(other.bodies) == n - dying.answered
+    assert other.max_in_flight <= 4  # the threads of the dead server's share do not pile onto it
+    assert "connection error" in b.stats()[dying.url]["last_error"]
+    # The same server back on its port: the next batch finds it through the re-probe.
+    port = int(dying.url.rsplit(":", 1)[1])
+    with FakeSGLang(port=port) as revived:
+      deadline = time.monotonic() + 10
+      while not revived.bodies and time.monotonic() < deadline:
+        assert [c.token_ids for c in b.generate([req(i) for i in range(8)])] == [[100 + i] for i in range(8)]
+      assert revived.bodies and b.stats()[dying.url]["up"] is True
+
+
+def test_all_servers_down_is_one_error_naming_them():
+  fakes = [FakeSGLang(), FakeSGLang()]
+  with backend_over(fakes, max_retries=2) as b:
+    for f in fakes:
+      f.kill()
+    t0 = time.monotonic()
+    with pytest.raises(SGLangServersDown) as e:
+      b.generate([req(i) for i in range(10)])
+    assert time.monotonic() - t0 < 30  # cool-downs of 0.01 s doubling: no long stall
+  msg = str(e.value)
+  assert set(e.value.failures) == set(range(10)) and "10 of 10" in msg
+  assert "all 2 SGLang servers" in msg and "sglang.urls" in msg
+  assert all(f.url in msg for f in fakes) and "connection error" in msg
+  assert isinstance(e.value, SGLangGenerationError)
+
+
+def test_servers_of_different_models_are_refused_at_start():
+  with pytest.raises(ValueError, match="different models") as e:
+    with backend_over([FakeSGLang(model="/m/policy"), FakeSGLang(model="/m/other")]):
+      pass
+  assert "/m/policy" in str(e.value) and "/m/other" in str(e.value)
+  # Same weights under different paths: the same --served-model-name makes them one model.
+  same = {"served_model_name": "policy"}
+  with backend_over([FakeSGLang(model="/a/p", server_info=same), FakeSGLang(model="/b/p", server_info=same)]) as b:
+    assert len(b.urls) == 2
+
+
+def test_an_unreachable_server_among_several_is_named_at_start():
+  dead = f"http://127.0.0.1:{sglang_server.free_port()}"
+  with FakeSGLang() as live, pytest.raises(ConnectionError) as e:
+    SGLangBackend([live.url, dead], FakeTokenizer(), startup_wait_s=0.5)
+  assert dead in str(e.value) and live.url not in str(e.value) and "sglang.urls" in str(e.value)
+
+
+# ---------------------------------------------------------------- prompt too long
+
+TOO_LONG_400 = "The input (9 tokens) is longer than the model's context length (8 tokens)."
+TOO_LONG_ABORT = "Input length (9 tokens) exceeds the maximum allowed length (8 tokens). Use a shorter input."
+
+
+def test_context_messages_are_recognised():
+  assert is_context_error(TOO_LONG_400) and is_context_error(TOO_LONG_ABORT)
+  assert is_context_error("Requested token count exceeds the model's maximum context length of 2048 tokens.")
+  assert not is_context_error("top_k must be -1 or >= 1") and not is_context_error("out of memory")
+
+
+def test_prompt_too_long_answers_are_completions_and_the_rest_succeeds():
+  def reply(body, attempt):
+    ids = body["input_ids"]
+    if len(ids) > 4 and ids[0] == 8:  # what sglang-jax's tokenizer manager sends
+      return 400, {"error": {"message": TOO_LONG_400}}
+    if len(ids) > 4:  # what its scheduler sends
+      return 200, _output([], {"type": "abort", "message": TOO_LONG_ABORT, "status_code": 400})
+    return echo(body, attempt)
+
+  fake = FakeSGLang(reply)
+  with backend_for(fake, max_retries=3) as b:
+    out = b.generate([req(1), req(8, 1, 2, 3, 4), req(2), req(9, 1, 2, 3, 4, return_logprobs=False), req(3)])
+  assert [c.finish_reason for c in out] == ["length", "prompt_too_long", "length", "prompt_too_long", "length"]
+  assert [c.token_ids for c in out] == [[101], [], [102], [], [103]]
+  assert out[1].logprobs == [] and out[3].logprobs is None and out[1].text == ""
+  assert all(v == 1 for v in fake.attempts.values())  # a refusal is final: never retried
+
+
+def test_context_limits_from_server_info():
+  assert context_limits({"context_length": 2048, "max_req_input_len": 4000}) == (2048, 2046)
+  assert context_limits({"context_length": None, "max_req_input_len": 100}) == (None, 99)
+  assert context_limits({}) == (None, None)
+  assert new_token_cap(7, 8, 6) == 0 and new_token_cap(6, 8, 6) == 1 and new_token_cap(3, None, None) is None
+  assert new_token_cap(10, None, 9) == 0 and new_token_cap(9, None, 9) is None
+
+
+def test_prompts_are_checked_against_the_context_before_posting():
+  fake = FakeSGLang(server_info={"context_length": 12, "max_req_input_len": 9})
+  many = SamplingParams(temperature=0.0, max_new_tokens=8)
+  with backend_for(fake) as b:
+    assert (b.context_length, b.max_prompt_tokens) == (12, 8)
+    out = b.generate([req(*range(1, 10), sampling=many),  # 9 > 8: refused here, never posted
+                      req(*range(1, 9), sampling=many),   # 8 tokens leave room for 3
+                      req(1, 2, sampling=many)])          # room for 9 > 8: asked as is
+  assert out[0].finish_reason == "prompt_too_long" and out[0].token_ids == []
+  assert out[1].token_ids == [101, 102, 103] and out[1].finish_reason == "length"
+  assert out[2].token_ids == [101, 102]
+  sent = {len(d["input_ids"]): d["sampling_params"]["max_new_tokens"] for d in fake.bodies}
+  assert sent == {8: 3, 2: 8}
+
+
 # ---------------------------------------------------------------- sglang-jax integration
 
 MAX_LEN = 64  # prompt + completion; one compiled reference forward for every request
@@ -320,6 +516,7 @@ def _peaked(params):
   non-trivial, sharp attention (q/k x10) and strong layer outputs (x10) make the continuation
   depend on the context, and a sharper final norm (x15) gives greedy argmax clear margins."""
   import jax
+
   from autotraj_jax.sharding import path_str
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -463,3 +660,26 @@ def test_sglang_seeded_sampling_reproducible_with_matching_logprobs(served):
   assert a.token_ids == b.token_ids  # logprobs may differ in the last bits (batch padding)
   # At temperature 1 with no top-k/p, the sampler's logprob is the model's log-softmax.
   _check_against_reference(served, prompt, a)
+
+
+@pytest.mark.sglang
+def test_sglang_prompt_longer_than_the_context(served):
+  b, tok = served.backend, served.tok
+  # served with --context-length 2048 (tests/sglang_server.py); the scheduler's input cap may be lower
+  assert b.context_length == 2048 and b.max_prompt_tokens is not None and b.max_prompt_tokens <= 2046
+  short = _prompts(tok)[0]
+  too_long = (short * (2100 // len(short) + 1))[:2100]
+  near = (short * (2040 // len(short) + 1))[:b.max_prompt_tokens - 1]  # fits, but not with 16 new tokens
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
+  reqs = [GenerationRequest(short, greedy), GenerationRequest(too_long, greedy), GenerationRequest(near, greedy)]
+  out = b.generate(reqs)
+  assert out[0].finish_reason in ("length", "eos") and out[0].token_ids
+  assert (out[1].finish_reason, out[1].token_ids, out[1].logprobs) == ("prompt_too_long", [], [])
+  room = 2048 - 1 - len(near)  # the request was shortened to what the context holds
+  assert 0 < len(out[2].token_ids) <= room < 16 and out[2].finish_reason in ("length", "eos")
+  # With the client-side check off, the server's own refusals become the same completions.
+  with SGLangBackend(b.urls, tok, max_concurrency=2, timeout_s=300) as raw:
+    raw.context_length = raw.max_prompt_tokens = None
+    out = raw.generate(reqs)
+  assert [c.finish_reason for c in out[1:]] == ["prompt_too_long", "prompt_too_long"]
+  assert out[0].finish_reason in ("length", "eos") and out[0].token_ids

@@ -3,14 +3,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_training import make_examples
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.models import causal_mask, get_preset, init_model, init_sharded, merge
 from autotraj_jax.training.optimizer import OptimizerConfig
 from autotraj_jax.training.sft import make_sft_loss
 from autotraj_jax.training.trainer import TrainConfig, Trainer
-
-from test_training import make_examples
 
 CFG = get_preset("tiny", tie_embeddings=False)
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from autotraj_jax.models import get_preset, init_model
+from autotraj_jax.pipeline.builders import is_held_out, variant_node
+from autotraj_jax.pipeline.rl import question_order
+from autotraj_jax.pipeline.sft import select_sft, sft_examples
 from autotraj_jax.tir.trajectory import Segment, Trajectory
 from autotraj_jax.training import rl
-from autotraj_jax.training.rl_stage import question_order
-from autotraj_jax.training.sft_stage import select_sft, sft_examples, split_by_question, variant_node
 
 
 def _traj(qid, source="generated", n_model=3, n_tool=2, logprobs=True):
@@ -30,12 +31,14 @@ def test_select_sft_high_only_drops_repairs():
     select_sft(trajs, "everything")
 
 
-def test_split_by_question_holds_out_whole_questions():
-  trajs = [_traj(q, s) for q in "abcdefghij" for s in ("generated", "repaired")]
-  train, held = split_by_question(trajs, 0.2, seed=0)
-  assert len(held) == 4 and len(train) == 16
-  assert not {t.question_id for t in train} & {t.question_id for t in held}
-  assert split_by_question(trajs, 0.2, seed=0) == (train, held)
+def test_held_out_questions_are_the_same_whatever_list_they_are_drawn_from():
+  qids = [f"q{i}" for i in range(2000)]
+  held = {q for q in qids if is_held_out(q, 0.2, seed=0)}
+  assert 0.17 < len(held) / len(qids) < 0.23
+  subset = qids[::7]  # e.g. the questions that have preference pairs
+  assert {q for q in subset if is_held_out(q, 0.2, seed=0)} == held & set(subset)
+  assert held != {q for q in qids if is_held_out(q, 0.2, seed=1)}
+  assert not any(is_held_out(q, 0.0, seed=0) for q in qids)
 
 
 def test_sft_examples_mask_switch_and_eos():
@@ -121,31 +124,37 @@ def test_logprob_fn_matches_the_policy_loss_ratio(tiny):
   assert float(aux["kl_sum"]) == pytest.approx(0.0, abs=1e-6)
 
 
+def _advantages(name, rewards, mask, values=None, **cfg):
+  mask = jnp.asarray(mask, jnp.float32)
+  inputs = rl.AdvantageInputs(rewards_B=jnp.asarray(rewards, jnp.float32), group_size=2, mask_BT=mask,
+                              kl_BT=jnp.zeros_like(mask), values_BT=values)
+  return rl.estimate_advantages(name, inputs, rl.RLConfig(advantage=name, **cfg))
+
+
 def test_ppo_rewards_sit_on_the_last_model_token_and_ignore_tool_values():
   mask = jnp.array([[0, 1, 1, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0]], jnp.float32)
   r = rl.token_rewards(jnp.array([2.0, -1.0]), mask)
   assert r.tolist() == [[0, 0, 0, 0, 0, 2, 0], [0, -1, 0, 0, 0, 0, 0]]
   values = jnp.array([[0.0, 0.5, 0.2, 0.0, 0.0, 0.1, 0.0], [0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0]])
   garbage = values.at[:, 3:5].set(99.0).at[:, 0].set(-7.0)
-  cfg = rl.RLConfig(algo="ppo", whiten_advantages=False, lam=0.9)
-  a0, r0 = rl.ppo_advantages(jnp.array([2.0, -1.0]), values, mask, jnp.zeros_like(mask), cfg)
-  a1, r1 = rl.ppo_advantages(jnp.array([2.0, -1.0]), garbage, mask, jnp.zeros_like(mask), cfg)
-  np.testing.assert_allclose(a0, a1)
-  np.testing.assert_allclose(r0, r1)
-  assert float(a0[0, 5]) == pytest.approx(2.0 - 0.1)  # last model token: r - V
+  a0 = _advantages("gae", [2.0, -1.0], mask, values, whiten_advantages=False, lam=0.9)
+  a1 = _advantages("gae", [2.0, -1.0], mask, garbage, whiten_advantages=False, lam=0.9)
+  np.testing.assert_allclose(a0.adv_BT, a1.adv_BT)
+  np.testing.assert_allclose(a0.returns_BT, a1.returns_BT)
+  assert float(a0.adv_BT[0, 5]) == pytest.approx(2.0 - 0.1)  # last model token: r - V
 
 
-def test_grpo_advantages_and_group_filter():
-  r = jnp.array([[1.0, 0.0], [1.0, 1.0]])
-  adv, keep = rl.grpo_advantages(r, rl.RLConfig(filter_uniform_groups=True))
-  assert keep.tolist() == [True, True, False, False]
-  assert float(adv[0]) > 0 > float(adv[1]) and float(adv[2]) == 0.0
-  adv, _ = rl.grpo_advantages(r, rl.RLConfig(scale_adv_by_std=False))
-  assert adv.tolist() == [0.5, -0.5, 0.0, 0.0]
+def test_group_advantages_and_group_filter():
+  mask = jnp.ones((4, 3))
+  out = _advantages("grpo", [1.0, 0.0, 1.0, 1.0], mask, filter_uniform_groups=True)
+  assert out.keep_B.tolist() == [True, True, False, False]
+  assert float(out.adv_BT[0, 0]) > 0 > float(out.adv_BT[1, 0]) and float(out.adv_BT[2, 0]) == 0.0
+  out = _advantages("dr_grpo", [1.0, 0.0, 1.0, 1.0], mask)
+  assert out.adv_BT[:, 0].tolist() == [0.5, -0.5, 0.0, 0.0]
 
 
 def test_rl_config_rejects_unknown_settings():
-  with pytest.raises(ValueError, match="algo"):
-    rl.RLConfig(algo="dpo")
-  with pytest.raises(ValueError, match="agg"):
+  with pytest.raises(ValueError, match="rl.advantage"):
+    rl.RLConfig(advantage="dpo")
+  with pytest.raises(ValueError, match="rl.agg"):
     rl.RLConfig(agg="sum")

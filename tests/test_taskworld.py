@@ -7,9 +7,24 @@ import re
 import pytest
 
 from autotraj_jax.taskworld import (
-  FAMILIES, LEVELS, CodeStep, SearchStep, Task, TaskWorld, arith_draft, check_task, extract_fact,
-  make_splits, read_corpus, read_split, reference_tool_outputs, render_reference_trajectory,
-  verify_task, verify_tasks, write_world)
+  FAMILIES,
+  LEVELS,
+  CodeStep,
+  SearchStep,
+  Task,
+  TaskWorld,
+  arith_draft,
+  check_task,
+  extract_fact,
+  make_splits,
+  read_corpus,
+  read_split,
+  reference_tool_outputs,
+  render_reference_trajectory,
+  verify_task,
+  verify_tasks,
+  write_world,
+)
 from autotraj_jax.taskworld.entities import kind_of
 from autotraj_jax.taskworld.task import QA_FIELDS
 

@@ -146,9 +146,34 @@ def test_length_grouped_batches_and_host_shards():
   assert spread < rand / 2  # grouped batches pad far less than random ones
   it = iter(data_lib.batch_dataset(data, batch_size=8, buckets=(16, 32, 64), seed=0, group_by_length=True))
   assert next(it)["tokens"].shape[0] == 8
-  # Host shards see disjoint records.
-  a = iter(data_lib.batch_dataset(data, batch_size=4, buckets=(64,), seed=0, shuffle=False, shard=(0, 2)))
-  b = iter(data_lib.batch_dataset(data, batch_size=4, buckets=(64,), seed=0, shuffle=False, shard=(1, 2)))
-  ta, tb = next(a)["tokens"], next(b)["tokens"]
-  np.testing.assert_array_equal(ta[0, :len(data[0]["tokens"])], data[0]["tokens"])
-  np.testing.assert_array_equal(tb[0, :len(data[1]["tokens"])], data[1]["tokens"])
+  # Hosts load disjoint rows of the same global batches: together, the batch one host would load.
+  whole = next(iter(data_lib.batch_dataset(data, batch_size=4, buckets=(64,), seed=0, shuffle=False)))
+  a = next(iter(data_lib.batch_dataset(data, batch_size=4, buckets=(64,), seed=0, shuffle=False, rows=[0, 1])))
+  b = next(iter(data_lib.batch_dataset(data, batch_size=4, buckets=(64,), seed=0, shuffle=False, rows=[2, 3])))
+  np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), whole["tokens"])
+  np.testing.assert_array_equal(b["tokens"][0, :len(data[2]["tokens"])], data[2]["tokens"])
+
+
+def test_public_state_api_saves_under_a_callers_step(tmp_path):
+  """What the RL learner uses: fresh state, batches onto the mesh, save under its own step number
+  with extra meta, restore with the optimizer-step count intact."""
+  trainer = _trainer(tmp_path, steps=8)
+  try:
+    state = trainer.init_state()
+    assert int(state.step) == 0 and trainer.saved_steps() == []
+    batch = data_lib.collate(make_examples(8, seed=2), (32,), 0)
+    dev = trainer.device_batch(batch)
+    assert dev["tokens"].shape == (2, 4, 32)  # [num_micro, micro_B, L]
+    for _ in range(3):
+      state, _ = trainer.train_step(state, trainer.device_batch(batch))
+    trainer.save(state, step=1, meta={"extra": {"a": 1}}, force=True)
+    restored, meta = trainer.restore_state(1)
+    assert trainer.saved_steps() == [1]
+    assert meta["extra"] == {"a": 1} and meta["step"] == 1 and meta["model_config"] == CFG.to_dict()
+    assert int(restored.step) == 3  # optimizer steps, not the number it was saved under
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((restored.params,
+                                                                                         restored.opt_state))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(jax.random.key_data(state.rng), jax.random.key_data(restored.rng))
+  finally:
+    trainer.close()

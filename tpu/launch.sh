@@ -4,9 +4,10 @@
 #   export TPU_NAME=autotraj-v5e ZONE=us-west4-a        # PROJECT=... optional
 #   tpu/launch.sh sync                                  # copy this checkout to each host
 #   tpu/launch.sh setup                                 # tpu/setup.sh on each host
-#   CONFIG=experiments/configs/sft.py tpu/launch.sh run --config.workdir=gs://bucket/run1
+#   CONFIG=experiments/configs/demo.py tpu/launch.sh run --config.workdir=/tmp/run1
 #
-# Extra arguments after `run` are passed to experiments/main.py (ml_collections overrides).
+# Extra arguments after `run` are passed to experiments/main.py (config overrides). Every host runs
+# with --config.distributed=True, so JAX joins the hosts into one set of devices before any stage.
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:?set TPU_NAME to the TPU VM name}
@@ -44,7 +45,7 @@ case "$ACTION" in
     [ -n "$CONFIG" ] || { echo "set CONFIG to an experiments/configs/*.py file" >&2; exit 2; }
     extra=""
     if [ $# -gt 0 ]; then extra=$(printf ' %q' "$@"); fi
-    on_all_hosts "cd $REMOTE_DIR && source .venv/bin/activate && python experiments/main.py --config=$CONFIG$extra"
+    on_all_hosts "cd $REMOTE_DIR && source .venv/bin/activate && python experiments/main.py --config=$CONFIG --config.distributed=True$extra"
     ;;
   *)
     echo "usage: $0 sync|setup|run [main.py args...]" >&2

@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
-FinishReason = Literal["stop", "eos", "length"]
+FinishReason = Literal["stop", "eos", "length", "prompt_too_long"]
+# A request whose prompt the backend cannot take: answered with no tokens so that one long
+# prompt ends its own trajectory instead of the whole batch.
+PROMPT_TOO_LONG = "prompt_too_long"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Completion:
   `token_ids` end with the token that completed a stop string or with the stop/EOS token.
   `text` is `tokenizer.decode(token_ids)`: it contains the stop string (and, if the last token
   runs past it, the rest of that token). `matched_stop` is the stop string that ended it.
+  finish_reason "prompt_too_long": the backend could not take the prompt; no tokens.
   """
 
   token_ids: list[int]
@@ -68,12 +72,31 @@ class Completion:
   matched_stop: str | None = None
 
 
+def prompt_too_long(req: GenerationRequest) -> Completion:
+  """The answer to a request whose prompt does not fit the backend: no tokens, nothing sampled."""
+  return Completion(token_ids=[], logprobs=[] if req.return_logprobs else None, text="",
+                    finish_reason=PROMPT_TOO_LONG)
+
+
 @runtime_checkable
 class LLMBackend(Protocol):
+  """Multi-turn callers send each turn's full context as `prompt_ids`; a backend reuses the KV of
+  a context's earlier turns by token prefix on its own (the JAX engine's prefix cache, SGLang's
+  radix cache), so requests carry no session id. A backend with per-prefix state may also have
+  an optional `release(contexts)`: see `release_contexts`."""
 
   def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
     """One completion per request, in request order."""
     ...
+
+
+def release_contexts(backend: LLMBackend, contexts: Sequence[Sequence[int]]) -> None:
+  """Tell `backend` these token sequences (finished trajectories) will not be continued, so it
+  can free what it keeps for them. Backends without a `release` method (SGLang evicts its radix
+  cache by itself) are left alone."""
+  release = getattr(backend, "release", None)
+  if release is not None and contexts:
+    release([list(c) for c in contexts])
 
 
 def find_stop(text: str, stops: Sequence[str], search_from: int = 0) -> tuple[int, str] | None:

@@ -1,10 +1,12 @@
-"""`LLMBackend` over an SGLang server's native HTTP API (`POST /generate` with `input_ids`).
+"""`LLMBackend` over SGLang servers' native HTTP API (`POST /generate` with `input_ids`).
 
 Works with SGLang (GPU) and sglang-jax (TPU/CPU) alike; no sglang package is imported, the
-server runs as its own process. Prompts go in as token ids and the sampled ids and logprobs
-come back untouched, so trajectories keep exactly what the server generated. Anything that
-would corrupt that (a trimmed stop, ids that disagree with the logprobs) is an error, never
-a silent fix-up.
+servers run as their own processes. One backend spreads a batch over several servers of the
+same model (least outstanding requests first) and moves a request to another server when
+its server dies, so stage 1 scales past one server without losing or reordering requests.
+Prompts go in as token ids and the sampled ids and logprobs come back untouched, so
+trajectories keep exactly what the server generated. Anything that would corrupt that (a
+trimmed stop, ids that disagree with the logprobs) is an error, never a silent fix-up.
 """
 
 from __future__ import annotations
@@ -15,26 +17,27 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import requests as rq
 from requests.adapters import HTTPAdapter
 
-from autotraj_jax.engine.backend import Completion, GenerationRequest
+from autotraj_jax.engine.backend import Completion, GenerationRequest, prompt_too_long
+from autotraj_jax.engine.sglang_protocol import (
+  SEED_MODULUS,
+  Decoder,
+  SGLangResponseError,
+  check_urls,
+  context_limits,
+  is_context_error,
+  new_token_cap,
+  parse_response,
+  request_payload,
+)
 
 logger = logging.getLogger(__name__)
 
-SEED_MODULUS = 2**31  # the server keeps seeds as int32
-
-
-class Decoder(Protocol):
-
-  def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-    ...
-
-
-class SGLangResponseError(RuntimeError):
-  """The server answered, but with something that cannot be turned into a faithful Completion."""
+__all__ = ["SGLangBackend", "SGLangGenerationError", "SGLangResponseError", "SGLangServersDown"]
 
 
 class SGLangGenerationError(RuntimeError):
@@ -45,132 +48,94 @@ class SGLangGenerationError(RuntimeError):
     self.failures = failures
 
 
+class SGLangServersDown(SGLangGenerationError):
+  """Every server was down (and stayed down through its re-probes) while requests were pending."""
+
+
 class _Retryable(Exception):
-  """A transient failure (connection error, 5xx, server-side abort): try again after a pause."""
+  """The server failed, not the request (connection error, 5xx, server-side abort): try it elsewhere."""
+
+
+class _PromptTooLong(Exception):
+  """The server refused the prompt as longer than its context."""
+
+
+class _AllDown(Exception):
+  """No server is up and none recovered within the request's retries."""
 
 
 @dataclasses.dataclass(frozen=True)
 class _Attempt:
   ok: bool
   value: Any  # Completion when ok, else the failure reason
+  down: bool = False  # failed because every server was down
 
 
-def request_payload(req: GenerationRequest, seed: int | None = None) -> dict[str, Any]:
-  """JSON body of `POST /generate` for one request; `seed` overrides the request's own."""
-  s = req.sampling
-  seed = s.seed if seed is None else seed
-  sampling: dict[str, Any] = {
-      "max_new_tokens": s.max_new_tokens,
-      "temperature": s.temperature,
-      "top_p": s.top_p,
-      "top_k": s.top_k,
-      "stop": list(req.stop),
-      "stop_token_ids": list(req.stop_token_ids),
-      # Keep the stop string / stop token in output_ids: trajectories must end where sampling did.
-      "no_stop_trim": True,
-      # SGLang drops special-token ids from output_ids unless told not to (<|im_end|> would vanish).
-      "skip_special_tokens": False,
-  }
-  if seed is not None:
-    sampling["sampling_seed"] = seed % SEED_MODULUS
-  # Always asked for: sglang-jax 0.1.0rc0 crashes when one batch mixes requests with and
-  # without logprobs. They are dropped again when the caller did not want them.
-  return {"input_ids": list(req.prompt_ids), "sampling_params": sampling, "return_logprob": True}
-
-
-def parse_response(req: GenerationRequest, data: Any, tokenizer: Decoder) -> Completion:
-  """Completion from a `/generate` response, checking it against what was asked for."""
-  if not isinstance(data, dict) or "output_ids" not in data or "meta_info" not in data:
-    raise SGLangResponseError(f"response lacks output_ids/meta_info: {str(data)[:300]}")
-  ids = [int(t) for t in data["output_ids"]]
-  meta = data["meta_info"]
-  reason = meta.get("finish_reason")
-  if not isinstance(reason, dict):
-    raise SGLangResponseError(f"response has no finish_reason dict: {reason!r}")
-  kind, matched = reason.get("type"), reason.get("matched")
-  if len(ids) > req.sampling.max_new_tokens:
-    raise SGLangResponseError(f"server returned {len(ids)} tokens for max_new_tokens="
-                              f"{req.sampling.max_new_tokens}")
-
-  logprobs = None
-  entries = meta.get("output_token_logprobs")
-  if entries is not None:  # the sampler's own record of what it drew: cross-check the ids
-    lp_ids = [int(e[1]) for e in entries]
-    if ids and len(lp_ids) > len(ids) and lp_ids[len(lp_ids) - len(ids):] == ids:
-      # sglang-jax 0.1.0rc0 now and then sends a request's early logprob entries twice (the
-      # list is the first k entries, then all of them); the tail is the record of the output.
-      logger.warning("server repeated %d logprob entries before the %d of its output; kept the tail",
-                     len(lp_ids) - len(ids), len(ids))
-      entries, lp_ids = entries[len(lp_ids) - len(ids):], ids
-    if lp_ids != ids:
-      raise SGLangResponseError(
-          f"output_ids ({len(ids)} tokens) disagree with the ids in output_token_logprobs "
-          f"({len(lp_ids)}); the server altered the sampled ids (e.g. skipped special tokens)")
-    logprobs = [float(e[0]) for e in entries]
-  elif req.return_logprobs:
-    raise SGLangResponseError("return_logprob was set but the response has no output_token_logprobs")
-  if not req.return_logprobs:
-    logprobs = None
-
-  text = tokenizer.decode(ids, skip_special_tokens=False)
-  if kind == "length":
-    return Completion(ids, logprobs, text, "length")
-  if kind != "stop":
-    raise SGLangResponseError(f"unexpected finish_reason {reason!r}")
-  if isinstance(matched, str):
-    if matched not in req.stop:
-      # sglang reports a NaN / out-of-vocabulary sample as a matched "stop string".
-      raise SGLangResponseError(f"server stopped on {matched!r}, which is not one of the "
-                                f"requested stop strings {list(req.stop)}")
-    if matched not in text:
-      raise SGLangResponseError(
-          f"server matched stop string {matched!r} but it is missing from the decoded output "
-          f"{text[-80:]!r}: the server trimmed it (no_stop_trim not honoured); refusing to "
-          f"return a truncated trajectory")
-    return Completion(ids, logprobs, text, "stop", matched_stop=matched)
-  if matched is None:
-    raise SGLangResponseError(f"finish_reason {reason!r} names no stop string or token")
-  stop_ids = matched if isinstance(matched, list) else [matched]
-  if not ids or not all(isinstance(t, int) for t in stop_ids) or ids[-1] not in stop_ids:
-    raise SGLangResponseError(
-        f"server stopped on token {matched!r} but the output does not end with it (last id: "
-        f"{ids[-1] if ids else None}): the server trimmed the stop token")
-  return Completion(ids, logprobs, text, "eos")
+@dataclasses.dataclass
+class _Server:
+  url: str
+  up: bool = True
+  outstanding: int = 0   # requests posted to it and not yet answered
+  failures: int = 0      # consecutive: the failure that took it down, then failed probes
+  retry_at: float = 0.0  # monotonic time of its next `/health` probe while down
+  probing: bool = False
+  last_error: str = ""
+  served: int = 0        # answers it gave (completions or refusals)
 
 
 class SGLangBackend:
-  """HTTP client of one SGLang server: bounded concurrency, per-request timeout, retries.
+  """HTTP client of one or more SGLang servers of the same model.
+
+  Each server gets at most `max_concurrency` requests at once; a request goes to the server
+  with the fewest outstanding (ties in turn). A server that fails (connection refused/reset,
+  5xx, abort) is marked down, its requests go to the others, and it is re-probed with
+  `GET /health` after a cool-down (`backoff_s`, doubling up to `max_backoff_s`). A request is
+  posted at most `max_retries + 1` times. A prompt the servers' context cannot hold comes back
+  as a `prompt_too_long` completion; a completion the context cuts short ends with "length".
 
   `generate` returns one Completion per request in request order, or raises
-  `SGLangGenerationError` naming every request that still failed after `max_retries`.
+  `SGLangGenerationError` naming every request that still failed (`SGLangServersDown` when
+  every server was down).
   """
 
-  def __init__(self, base_url: str, tokenizer: Decoder, *, max_concurrency: int = 32,
+  def __init__(self, urls: str | Sequence[str], tokenizer: Decoder, *, max_concurrency: int = 32,
                timeout_s: float = 600, max_retries: int = 5, backoff_s: float = 0.5,
-               connect_timeout_s: float = 10.0, startup_wait_s: float = 5.0):
+               max_backoff_s: float = 30.0, connect_timeout_s: float = 10.0, startup_wait_s: float = 5.0):
+    self.urls = check_urls(urls)
     if max_concurrency <= 0:
       raise ValueError(f"max_concurrency must be positive, got {max_concurrency}")
     if timeout_s <= 0:
       raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-    if max_retries < 0 or backoff_s < 0:
-      raise ValueError(f"max_retries and backoff_s must be >= 0, got {max_retries}, {backoff_s}")
-    self.base_url = base_url.rstrip("/")
+    if max_retries < 0 or backoff_s < 0 or max_backoff_s < backoff_s:
+      raise ValueError(f"need max_retries >= 0 and 0 <= backoff_s <= max_backoff_s, got {max_retries}, "
+                       f"{backoff_s}, {max_backoff_s}")
     self.tokenizer = tokenizer
     self.max_concurrency = max_concurrency
     self.timeout = (min(connect_timeout_s, timeout_s), timeout_s)
     self.max_retries = max_retries
-    self.backoff_s = backoff_s
+    self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+    self._servers = [_Server(u) for u in self.urls]
+    self._cond = threading.Condition()
+    self._rr = 0
     self._local = threading.local()
     self._sessions: list[rq.Session] = []
-    self._lock = threading.Lock()
     self._pool: concurrent.futures.ThreadPoolExecutor | None = None
     self._wait_healthy(startup_wait_s)
-    self.model_info = self._get_json("/get_model_info")
-    if self.model_info.get("is_generation") is False:
-      raise ValueError(f"the server at {self.base_url} serves an embedding model, not a generator")
+    infos = [self._get_json(u, "/get_model_info") for u in self.urls]
+    server_infos = [self._server_info(u) for u in self.urls]
+    for u, info in zip(self.urls, infos):
+      if info.get("is_generation") is False:
+        raise ValueError(f"the server at {u} serves an embedding model, not a generator")
+    _check_same_model(self.urls, infos, server_infos)
+    self.model_info = infos[0]
     # Seeds only take effect with --enable-deterministic-sampling; with it, a request without
     # a seed gets a fixed default, so identical prompts would give identical "samples".
-    self.deterministic_sampling: bool | None = self._server_flag("enable_deterministic_sampling")
+    flags = [i.get("enable_deterministic_sampling") for i in server_infos]
+    flags = [f if isinstance(f, bool) else None for f in flags]
+    self.deterministic_sampling: bool | None = (False if False in flags else None if None in flags else True)
+    limits = [context_limits(i) for i in server_infos]
+    self.context_length = min((c for c, _ in limits if c is not None), default=None)
+    self.max_prompt_tokens = min((m for _, m in limits if m is not None), default=None)
     self._seeds = random.SystemRandom()
     self._warned_seed = False
 
@@ -180,50 +145,66 @@ class SGLangBackend:
     s = getattr(self._local, "session", None)
     if s is None:
       s = rq.Session()
-      adapter = HTTPAdapter(pool_maxsize=1, max_retries=0)  # retries are ours
+      adapter = HTTPAdapter(pool_connections=len(self.urls), pool_maxsize=1, max_retries=0)  # retries are ours
       s.mount("http://", adapter)
       s.mount("https://", adapter)
       self._local.session = s
-      with self._lock:
+      with self._cond:
         self._sessions.append(s)
     return s
 
+  def _health(self, url: str) -> str | None:
+    """None if `GET /health` answers 200, else why not."""
+    try:
+      r = self._session().get(url + "/health", timeout=self.timeout[0])
+    except rq.ConnectionError as e:
+      return f"connection error: {e}"
+    except rq.RequestException as e:
+      return f"{type(e).__name__}: {e}"
+    return None if r.status_code == 200 else f"GET /health: HTTP {r.status_code}"
+
   def _wait_healthy(self, wait_s: float) -> None:
-    """`GET /health` until it answers 200 or `wait_s` passes: a server may still be starting."""
+    """Every server healthy within `wait_s` (a server may still be starting), else one error naming the rest."""
     deadline = time.monotonic() + wait_s
-    delay, last = 0.1, "no attempt"
+    delay = 0.1
+    pending = {u: "no attempt" for u in self.urls}
     while True:
-      try:
-        r = self._session().get(self.base_url + "/health", timeout=self.timeout[0])
-        if r.status_code == 200:
-          return
-        last = f"HTTP {r.status_code}"
-      except rq.RequestException as e:
-        last = f"{type(e).__name__}: {e}"
+      for u in list(pending):
+        why = self._health(u)
+        if why is None:
+          del pending[u]
+        else:
+          pending[u] = why
+      if not pending:
+        return
       if time.monotonic() + delay > deadline:
-        raise ConnectionError(f"SGLang server at {self.base_url} is not reachable/healthy "
-                              f"(GET /health: {last}); is it running and is the URL right?")
+        names = "; ".join(f"{u} ({why})" for u, why in pending.items())
+        raise ConnectionError(f"SGLang server{'s' if len(pending) > 1 else ''} not reachable/healthy: {names}; "
+                              f"is it running and is the URL right (config field sglang.urls)?")
       time.sleep(delay)
       delay = min(delay * 2, 1.0)
 
-  def _get_json(self, path: str) -> dict[str, Any]:
+  def _get_json(self, url: str, path: str) -> dict[str, Any]:
     try:
-      r = self._session().get(self.base_url + path, timeout=self.timeout)
+      r = self._session().get(url + path, timeout=self.timeout)
       r.raise_for_status()
-      return r.json()
+      data = r.json()
     except rq.RequestException as e:
-      raise ConnectionError(f"GET {self.base_url}{path} failed: {e}") from e
+      raise ConnectionError(f"GET {url}{path} failed: {e}") from e
     except ValueError as e:
-      raise ConnectionError(f"GET {self.base_url}{path} did not return JSON: {e}") from e
+      raise ConnectionError(f"GET {url}{path} did not return JSON: {e}") from e
+    if not isinstance(data, dict):
+      raise ConnectionError(f"GET {url}{path} returned {type(data).__name__}, not a JSON object")
+    return data
 
-  def _server_flag(self, name: str) -> bool | None:
-    """A boolean server argument from `/get_server_info`, or None when the server does not say."""
+  def _server_info(self, url: str) -> dict[str, Any]:
+    """`/get_server_info` (server arguments, scheduler limits), or {} when the server does not say."""
     try:
-      r = self._session().get(self.base_url + "/get_server_info", timeout=self.timeout)
-      value = r.json().get(name) if r.status_code == 200 else None
-    except (rq.RequestException, ValueError, AttributeError):
-      return None
-    return value if isinstance(value, bool) else None
+      r = self._session().get(url + "/get_server_info", timeout=self.timeout)
+      data = r.json() if r.status_code == 200 else {}
+    except (rq.RequestException, ValueError):
+      return {}
+    return data if isinstance(data, dict) else {}
 
   def _seed_for(self, req: GenerationRequest) -> int | None:
     """A fresh random seed for an unseeded sampled request on a seed-honouring server."""
@@ -231,19 +212,91 @@ class SGLangBackend:
       return self._seeds.randrange(SEED_MODULUS)
     return None
 
-  def _post_once(self, req: GenerationRequest, seed: int | None) -> Completion:
+  def _cooldown(self, failures: int) -> float:
+    return min(self.backoff_s * 2 ** max(failures - 1, 0), self.max_backoff_s)
+
+  def _down_summary(self) -> str:
+    return "; ".join(f"{s.url} ({s.last_error or 'down'})" for s in self._servers)
+
+  def _acquire(self) -> _Server:
+    """A server slot: re-probe a down server that is due, else the least loaded server that is up
+    and below its cap, else wait. Raises _AllDown once every server failed > max_retries times in a row."""
+    with self._cond:
+      while True:
+        now = time.monotonic()
+        due = next((s for s in self._servers if not s.up and not s.probing and s.retry_at <= now), None)
+        if due is not None:
+          self._probe(due)
+          continue
+        n = len(self._servers)
+        free = [i for i in ((self._rr + k) % n for k in range(n))
+                if self._servers[i].up and self._servers[i].outstanding < self.max_concurrency]
+        if free:
+          best = min(free, key=lambda i: self._servers[i].outstanding)  # first of the least loaded
+          self._rr = (best + 1) % n
+          server = self._servers[best]
+          server.outstanding += 1
+          return server
+        down = [s for s in self._servers if not s.up]
+        if (len(down) == n and not any(s.probing for s in down)
+            and all(s.failures > self.max_retries for s in down)):
+          raise _AllDown(f"all {n} SGLang server{'s' if n > 1 else ''} (config field sglang.urls) are down: "
+                         f"{self._down_summary()}")
+        waits = [s.retry_at - now for s in down if not s.probing]
+        self._cond.wait(max(min(waits), 0.001) if waits else None)
+
+  def _probe(self, server: _Server) -> None:
+    """`GET /health` on a down server, without holding the lock; called with it held."""
+    server.probing = True
+    self._cond.release()
     try:
-      r = self._session().post(self.base_url + "/generate", json=request_payload(req, seed),
-                               timeout=self.timeout)
+      why = self._health(server.url)
+    finally:
+      self._cond.acquire()
+      server.probing = False
+    if why is None:
+      server.up, server.failures = True, 0
+      logger.info("SGLang server %s is healthy again", server.url)
+    else:
+      server.failures += 1
+      server.last_error = why
+      server.retry_at = time.monotonic() + self._cooldown(server.failures)
+    self._cond.notify_all()
+
+  def _release(self, server: _Server, error: str | None = None, answered: bool = True) -> None:
+    """Give the slot back; `error`: the server failed (it is marked down); `answered`: it replied."""
+    with self._cond:
+      server.outstanding -= 1
+      if error is None and answered:
+        server.served += 1
+        if not server.up and not server.probing:  # it answered: it is serving again
+          server.up, server.failures = True, 0
+      else:
+        server.last_error = error
+        if server.up:
+          server.up = False
+          server.failures += 1
+          server.retry_at = time.monotonic() + self._cooldown(server.failures)
+          others = sum(s.up for s in self._servers)
+          logger.warning("SGLang server %s marked down (%s); %d other server%s up, re-probing in %.1f s",
+                         server.url, error[:200], others, "" if others == 1 else "s",
+                         self._cooldown(server.failures))
+      self._cond.notify_all()
+
+  def _post_once(self, url: str, req: GenerationRequest, seed: int | None, cap: int | None) -> Completion:
+    try:
+      r = self._session().post(url + "/generate", json=request_payload(req, seed, cap), timeout=self.timeout)
     except rq.ConnectionError as e:  # includes connect timeouts
       raise _Retryable(f"connection error: {e}") from e
     except rq.Timeout as e:  # the server took the request: retrying would queue it twice
-      raise TimeoutError(f"no answer within {self.timeout[1]} s: {e}") from e
+      raise TimeoutError(f"no answer from {url} within {self.timeout[1]} s: {e}") from e
     except rq.RequestException as e:  # e.g. a connection cut mid-body
       raise _Retryable(f"{type(e).__name__}: {e}") from e
     if r.status_code >= 500:
       raise _Retryable(f"HTTP {r.status_code}: {r.text[:300]}")
     if r.status_code != 200:
+      if r.status_code < 500 and is_context_error(r.text):
+        raise _PromptTooLong(r.text[:300])
       raise SGLangResponseError(f"HTTP {r.status_code}: {r.text[:300]}")
     try:
       data = r.json()
@@ -251,44 +304,70 @@ class SGLangBackend:
       raise SGLangResponseError(f"response is not JSON: {r.text[:300]}") from e
     reason = (data.get("meta_info") or {}).get("finish_reason") if isinstance(data, dict) else None
     if isinstance(reason, dict) and reason.get("type") == "abort":
-      status = reason.get("status_code")
-      msg = f"server aborted the request: {reason.get('message')} (status {status})"
+      status, message = reason.get("status_code"), str(reason.get("message"))
+      msg = f"server aborted the request: {message} (status {status})"
       if isinstance(status, int) and 400 <= status < 500:
+        if is_context_error(message):
+          raise _PromptTooLong(msg)
         raise SGLangResponseError(msg)
       raise _Retryable(msg)
     return parse_response(req, data, self.tokenizer)
 
   def _run(self, req: GenerationRequest) -> _Attempt:
+    cap = new_token_cap(len(req.prompt_ids), self.context_length, self.max_prompt_tokens)
+    if cap == 0:
+      return _Attempt(True, prompt_too_long(req))
     seed = self._seed_for(req)
-    for attempt in range(self.max_retries + 1):
+    posts = 0
+    while True:
       try:
-        return _Attempt(True, self._post_once(req, seed))
+        server = self._acquire()
+      except _AllDown as e:
+        return _Attempt(False, str(e), down=True)
+      try:
+        completion = self._post_once(server.url, req, seed, cap)
       except _Retryable as e:
-        reason = f"{e} (after {attempt + 1} attempts)"
-        if attempt == self.max_retries:
-          return _Attempt(False, reason)
-        pause = self.backoff_s * 2 ** attempt
-        time.sleep(pause + random.uniform(0, pause / 2))
+        self._release(server, error=str(e))
+        posts += 1
+        if posts > self.max_retries:
+          return _Attempt(False, f"{e} (after {posts} attempts, the last on {server.url})")
+        continue
+      except _PromptTooLong:
+        self._release(server)
+        return _Attempt(True, prompt_too_long(req))
+      except TimeoutError as e:  # it took the request and may still be working on it: not a death
+        self._release(server, answered=False)
+        return _Attempt(False, str(e))
       except Exception as e:  # not transient: report it, never drop the request
-        return _Attempt(False, f"{type(e).__name__}: {e}")
-    raise AssertionError("unreachable")
+        self._release(server)
+        return _Attempt(False, f"{type(e).__name__} from {server.url}: {e}")
+      self._release(server)
+      return _Attempt(True, completion)
 
   # -------------------------------------------------------------- API
 
+  def stats(self) -> dict[str, dict[str, Any]]:
+    """Per server: up, requests in flight, answers served, last error."""
+    with self._cond:
+      return {s.url: {"up": s.up, "outstanding": s.outstanding, "served": s.served, "last_error": s.last_error}
+              for s in self._servers}
+
   def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-    """One completion per request, in request order; many in flight at once."""
+    """One completion per request, in request order; many in flight at once on every server."""
     reqs = list(requests)
     if not reqs:
       return []
     if (self.deterministic_sampling is False and not self._warned_seed
         and any(r.sampling.seed is not None and not r.sampling.greedy for r in reqs)):
       self._warned_seed = True
-      logger.warning("the SGLang server at %s ignores per-request seeds (it was not launched "
-                     "with --enable-deterministic-sampling): seeded samples are not reproducible",
-                     self.base_url)
-    with self._lock:
+      logger.warning("an SGLang server in %s ignores per-request seeds (it was not launched with "
+                     "--enable-deterministic-sampling): seeded samples are not reproducible", ", ".join(self.urls))
+    with self._cond:
+      if not any(s.up for s in self._servers):  # a new batch re-probes at once: they may be back
+        for s in self._servers:
+          s.retry_at = min(s.retry_at, time.monotonic())
       if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.max_concurrency,
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.max_concurrency * len(self._servers),
                                                            thread_name_prefix="sglang")
       pool = self._pool
     attempts = list(pool.map(self._run, reqs))
@@ -296,17 +375,20 @@ class SGLangBackend:
     if failures:
       shown = "; ".join(f"#{i}: {why}" for i, why in list(failures.items())[:5])
       more = f"; ... and {len(failures) - 5} more" if len(failures) > 5 else ""
-      raise SGLangGenerationError(
-          f"{len(failures)} of {len(reqs)} generation requests to {self.base_url} failed: "
-          f"{shown}{more}", failures)
+      summary = f"{len(failures)} of {len(reqs)} generation requests to {', '.join(self.urls)} failed"
+      down = [a.value for a in attempts if a.down]
+      if down:
+        raise SGLangServersDown(f"{down[-1]}; {summary}", failures)
+      raise SGLangGenerationError(f"{summary}: {shown}{more}", failures)
     return [a.value for a in attempts]
 
   def close(self) -> None:
-    with self._lock:
+    with self._cond:
       pool, self._pool = self._pool, None
-      sessions, self._sessions = self._sessions, []
     if pool is not None:
       pool.shutdown(wait=True)
+    with self._cond:
+      sessions, self._sessions = self._sessions, []
     for s in sessions:
       s.close()
 
@@ -315,3 +397,21 @@ class SGLangBackend:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _check_same_model(urls: Sequence[str], model_infos: Sequence[dict[str, Any]],
+                      server_infos: Sequence[dict[str, Any]]) -> None:
+  """Refuse servers of different models: one batch would mix two policies' samples.
+
+  A server is named by its --served-model-name (sglang defaults it to the model path), else by
+  the model_path of /get_model_info; servers that report neither are not compared.
+  """
+  names = {}
+  for u, mi, si in zip(urls, model_infos, server_infos):
+    name = si.get("served_model_name") or mi.get("model_path")
+    if name:
+      names[u] = str(name)
+  if len(set(names.values())) > 1:
+    listed = "; ".join(f"{u}: {n}" for u, n in names.items())
+    raise ValueError(f"the SGLang servers in sglang.urls serve different models ({listed}); serve the same "
+                     "weights everywhere (with the same --served-model-name if their paths differ)")

@@ -8,6 +8,18 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What the backward pass keeps of each decoder block (see `decoder.remat_policy`):
+# 'none' everything, 'full' only the block input, 'dots' also the matmul outputs.
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_name(remat: bool | str) -> str:
+  """A remat setting as a policy name; the old booleans mean 'none' / 'full'."""
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"ModelConfig.remat={remat!r}; expected one of {REMAT_POLICIES} or a bool")
+  return remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +45,10 @@ class ModelConfig:
   architecture: str = "qwen2"
   param_dtype: str = "float32"
   dtype: str = "float32"
-  remat: bool = False
+  remat: bool | str = False  # a bool or one of REMAT_POLICIES
+  # >0: the training losses compute logits and log-softmax this many positions at a time, so
+  # [B, L, V] fp32 logits never exist at once (0: the whole sequence, as before).
+  logits_chunk: int = 0
   attention_impl: str | None = None  # None: XLA; "cudnn": flash attention on NVIDIA GPUs
 
   def __post_init__(self):
@@ -49,8 +64,15 @@ class ModelConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+    remat_name(self.remat)
+    if self.logits_chunk < 0:
+      raise ValueError(f"ModelConfig.logits_chunk must be >= 0, got {self.logits_chunk}")
     if self.architecture not in ("qwen2", "llama"):
       raise ValueError(f"unsupported architecture {self.architecture!r}; expected 'qwen2' or 'llama'")
+
+  @property
+  def remat_policy(self) -> str:
+    return remat_name(self.remat)
 
   @property
   def jnp_dtype(self):

@@ -15,8 +15,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from autotraj_jax.models.config import ModelConfig
+from autotraj_jax.models.config import ModelConfig, remat_name
+from autotraj_jax.sharding import BATCH_AXES
 
 
 class LayerCache(NamedTuple):
@@ -41,6 +43,25 @@ def causal_mask(valid_BL: jax.Array) -> jax.Array:
   L = valid_BL.shape[-1]
   causal = jnp.tril(jnp.ones((L, L), dtype=bool))
   return causal[None] & valid_BL[:, None, :].astype(bool)
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+  """Pin an activation's batch axis to the mesh's data axes when a mesh is set (`jax.set_mesh`).
+
+  Under FSDP the params and the batch both split over `fsdp`; without this hint the SPMD
+  partitioner may all-gather the activations (the whole global batch) instead of the weights.
+  No mesh in context (tests, the engine, single-device runs): returns `x` untouched.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
+  if not axes:
+    return x
+  parts = 1
+  for a in axes:
+    parts *= mesh.shape[a]
+  if parts == 1 or x.shape[0] % parts:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02):
@@ -161,6 +182,18 @@ def _block_call(block: Block, x, positions, mask, cache, cache_index):
   return block(x, positions, mask, cache, cache_index)
 
 
+def remat_block_call(remat: bool | str):
+  """The block call for a remat policy: 'none' keeps every activation for the backward pass,
+  'full' only each block's input (recomputing the block), 'dots' also the matmul outputs
+  without batch dims (recomputes only the cheap elementwise ops and attention softmax)."""
+  name = remat_name(remat)
+  if name == "none":
+    return _block_call
+  if name == "full":
+    return nnx.remat(_block_call)
+  return nnx.remat(_block_call, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
 class Transformer(nnx.Module):
   """Embedding, decoder blocks and the final norm: tokens -> hidden states."""
 
@@ -173,12 +206,13 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BL, positions_BL, mask_BLS, cache: Cache | None = None,
                cache_index=0) -> tuple[jax.Array, Cache | None]:
-    x = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(self.cfg.jnp_dtype)
-    call = nnx.remat(_block_call) if self.cfg.remat else _block_call
+    x = shard_batch(jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(self.cfg.jnp_dtype))
+    call = remat_block_call(self.cfg.remat)
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
       x, layer_cache = call(block, x, positions_BL, mask_BLS,
                             None if cache is None else cache[i], cache_index)
+      x = shard_batch(x)
       if cache is not None:
         new_cache.append(layer_cache)
     return self.norm(x), new_cache
@@ -202,9 +236,9 @@ class CausalLM(nnx.Module):
     dt = self.cfg.jnp_dtype
     if self.lm_head is None:
       w = self.model.embed_tokens[...].astype(dt)
-      return jnp.einsum("bld,vd->blv", hidden_BLD.astype(dt), w, preferred_element_type=jnp.float32)
-    return jnp.einsum("bld,dv->blv", hidden_BLD.astype(dt), self.lm_head[...].astype(dt),
-                      preferred_element_type=jnp.float32)
+      return shard_batch(jnp.einsum("bld,vd->blv", hidden_BLD.astype(dt), w, preferred_element_type=jnp.float32))
+    return shard_batch(jnp.einsum("bld,dv->blv", hidden_BLD.astype(dt), self.lm_head[...].astype(dt),
+                                  preferred_element_type=jnp.float32))
 
 
 class ScalarModel(nnx.Module):

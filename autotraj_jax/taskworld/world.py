@@ -28,7 +28,8 @@ from pathlib import Path
 from autotraj_jax.taskworld.arith import arith_draft
 from autotraj_jax.taskworld.combo import combo_draft
 from autotraj_jax.taskworld.entities import Entity, build_entities
-from autotraj_jax.taskworld.lookup import PATHS, Path as LookupPath, lookup_draft
+from autotraj_jax.taskworld.lookup import PATHS, lookup_draft
+from autotraj_jax.taskworld.lookup import Path as LookupPath
 from autotraj_jax.taskworld.task import FAMILIES, Draft, Task
 
 DEFAULT_POOLS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}

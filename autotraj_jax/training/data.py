@@ -4,17 +4,24 @@ A source is anything with `__len__` and `__getitem__` returning a dict with `tok
 `loss_mask` (a list, a `tfds.data_source`, an ArrayRecord source). Batches are padded to the
 smallest bucket that fits the longest sequence, so the train step compiles once per bucket.
 The iterator's position is saved in checkpoints, which is what makes resume exact.
+
+Multi-host: the stream of global batches (which examples, in which order, padded to which bucket)
+depends only on the data, the seed and the global batch size, never on the number of hosts. Each
+host loads and pads only its `rows` of every global batch, so N hosts together feed exactly the
+batches one host would, and a run's losses do not change with the host count.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
-# (examples, buckets, pad_id) -> batch arrays, batch-major ([B, ...]).
+# (examples, buckets, pad_id) -> batch arrays, batch-major ([B, ...]), padded to the smallest bucket
+# that fits the longest example (so, given one bucket, to that one: how hosts agree on a length).
 CollateFn = Callable[[Sequence[dict[str, Any]], Sequence[int], int], dict[str, np.ndarray]]
 
 
@@ -46,49 +53,101 @@ def example_length(example: dict[str, Any]) -> int:
   return len(tokens)
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
-                           window: int = 32) -> list[list[int]]:
-  """Index batches of similar lengths: shuffle, sort inside windows of `window` batches, cut.
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Batches per epoch when grouped by length: every example once, the last batch filled up."""
+  return -(-num_examples // batch_size)
 
-  Batches then land in small buckets instead of all padding to the longest sequence seen.
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, window: int = 32, *,
+                           epoch: int = 0, shuffle: bool = True) -> list[list[int]]:
+  """One epoch of index batches of similar lengths.
+
+  The epoch's permutation (seeded by (seed, epoch), so each epoch groups differently) is sorted by
+  length inside windows of `window` batches and cut into batches, then the batch order is shuffled.
+  Every example is in exactly one batch; the last, partial batch is filled with repeats of examples
+  of similar length, never cut short or dropped.
   """
-  rng = np.random.default_rng(seed)
-  perm = rng.permutation(len(lengths))
+  if not len(lengths):
+    raise ValueError("length_grouped_batches got no examples")
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
   span = window * batch_size
-  batches = []
-  for start in range(0, len(perm), span):
-    chunk = sorted(perm[start:start + span].tolist(), key=lambda i: lengths[i])
-    batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+  ordered = [i for start in range(0, len(order), span)
+             for i in sorted(order[start:start + span].tolist(), key=lambda i: lengths[i])]
+  need = batches_per_epoch(len(lengths), batch_size) * batch_size - len(ordered)
+  if need:  # fill up with the next-longest examples (those of the last full batch), not with a batch's own
+    full = len(ordered) // batch_size * batch_size
+    ordered += np.resize(ordered[:full][::-1] or ordered, need).tolist()
+  batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+  if shuffle:
+    batches = [batches[k] for k in rng.permutation(len(batches))]
   return batches
+
+
+_ENDLESS = 2 ** 62  # batches of a stream that repeats forever
+
+
+def _grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool,
+                     num_epochs: int | None) -> grain.MapDataset:
+  """Batch k of the stream is batch k % E of epoch k // E (E batches per epoch): a MapDataset over
+  the batch number, so the iterator state is one index and resume is exact."""
+  per_epoch = batches_per_epoch(len(lengths), batch_size)
+
+  @functools.lru_cache(maxsize=4)  # the prefetch threads read around one or two epochs at a time
+  def epoch_batches(epoch: int) -> list[list[int]]:
+    return length_grouped_batches(lengths, batch_size, seed, epoch=epoch, shuffle=shuffle)
+
+  total = per_epoch * num_epochs if num_epochs is not None else _ENDLESS
+  return grain.MapDataset.range(total).map(lambda k: epoch_batches(k // per_epoch)[k % per_epoch])
+
+
+def _check_rows(rows: Sequence[int] | None, batch_size: int) -> tuple[int, ...] | None:
+  """None when the host loads whole batches, else its rows as a tuple (validated)."""
+  if rows is None:
+    return None
+  rows = tuple(int(r) for r in rows)
+  if not rows or any(not 0 <= r < batch_size for r in rows) or len(set(rows)) != len(rows):
+    raise ValueError(f"rows must be distinct positions in [0, {batch_size}), got {list(rows)[:16]}")
+  return None if rows == tuple(range(batch_size)) else rows
 
 
 def batch_dataset(source: Any, *, batch_size: int, buckets: Sequence[int], seed: int,
                   pad_id: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                  group_by_length: bool = False, shard: tuple[int, int] = (0, 1),
+                  group_by_length: bool = False, rows: Sequence[int] | None = None,
                   collate_fn: CollateFn = collate) -> grain.IterDataset:
-  """Shuffled (per epoch), repeated, bucketed batches as a checkpointable IterDataset.
+  """Shuffled (per epoch), repeated, bucketed global batches of `batch_size` as a checkpointable
+  IterDataset.
 
-  `shard=(index, count)` keeps every count-th record (or batch, when grouped by length) starting
-  at index: each host of a multi-host run reads only its slice of the data. `collate_fn` turns a
-  list of examples into arrays (e.g. [B, 2, L] preference pairs instead of [B, L] sequences).
+  `rows`: the positions of each global batch this host loads, in the order it wants them (a
+  multi-host run gives each host its own; default all). Each host then reads only its examples
+  and pads them to the bucket of the whole global batch, found from the example lengths (read once,
+  up front). Grouped by length, each epoch is planned afresh (`length_grouped_batches`) and holds
+  every example. `collate_fn` turns a list of examples into arrays (e.g. [B, 2, L] preference pairs
+  instead of [B, L] sequences).
   """
-  index, count = shard
   if len(source) < batch_size:
     raise ValueError(f"dataset has {len(source)} examples, fewer than one batch of {batch_size}")
-  if group_by_length:
+  rows = _check_rows(rows, batch_size)
+  buckets = tuple(sorted(buckets))
+  lengths = None
+  if group_by_length or rows is not None:
     lengths = [example_length(source[i]) for i in range(len(source))]
-    ds = grain.MapDataset.source(length_grouped_batches(lengths, batch_size, seed))[index::count].seed(seed)
+  if group_by_length:
+    ds = _grouped_batches(lengths, batch_size, seed, shuffle, num_epochs)
+  else:
+    ds = grain.MapDataset.range(len(source)).seed(seed)
     if shuffle:
       ds = ds.shuffle()
-    ds = ds.repeat(num_epochs).map(lambda idx: collate_fn([source[i] for i in idx], buckets, pad_id))
-    return ds.to_iter_dataset()
-  ds = grain.MapDataset.source(source)[index::count].seed(seed)
-  if shuffle:
-    ds = ds.shuffle()
-  ds = ds.repeat(num_epochs)
-  ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=lambda xs: collate_fn(xs, buckets, pad_id))
-  return ds.to_iter_dataset()
+    ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=list)
+
+  def load(idx: Sequence[int]) -> dict[str, np.ndarray]:
+    idx = [int(i) for i in idx]
+    if rows is None:
+      return collate_fn([source[i] for i in idx], buckets, pad_id)
+    length = pick_bucket(max(lengths[i] for i in idx), buckets)
+    return collate_fn([source[idx[r]] for r in rows], (length,), pad_id)
+
+  return ds.map(load).to_iter_dataset()
 
 
 def split_micro(batch: dict[str, np.ndarray], num_micro: int) -> dict[str, np.ndarray]:

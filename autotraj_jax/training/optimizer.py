@@ -28,11 +28,14 @@ class OptimizerConfig:
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to `end_lr_ratio` x peak (constant when 1)."""
   decay = max(cfg.total_steps - cfg.warmup_steps, 1)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if cfg.warmup_steps else cfg.learning_rate, peak_value=cfg.learning_rate,
-      warmup_steps=cfg.warmup_steps, decay_steps=cfg.warmup_steps + decay,
-      end_value=cfg.learning_rate * cfg.end_lr_ratio)
+  cosine = optax.cosine_decay_schedule(cfg.learning_rate, decay, alpha=cfg.end_lr_ratio) \
+      if cfg.end_lr_ratio != 1.0 else optax.constant_schedule(cfg.learning_rate)
+  if not cfg.warmup_steps:  # no zero-length warmup piece (optax warns about it)
+    return cosine
+  warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  return optax.join_schedules([warmup, cosine], [cfg.warmup_steps])
 
 
 def _decay_mask(params):

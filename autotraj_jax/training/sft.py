@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from autotraj_jax.models.decoder import causal_mask
-from autotraj_jax.training.losses import sft_loss
+from autotraj_jax.training.losses import chunked_sft_loss, sft_loss
 
 
 def positions_from_valid(valid_BL: jax.Array) -> jax.Array:
@@ -21,14 +21,25 @@ def positions_from_valid(valid_BL: jax.Array) -> jax.Array:
 
 
 def make_sft_loss(graphdef: nnx.GraphDef):
-  """loss_fn(params, batch, rng) for `make_train_step`; batch has tokens, loss_mask, valid."""
+  """loss_fn(params, batch, rng) for `make_train_step`; batch has tokens, loss_mask, valid.
+
+  With the model config's `logits_chunk` > 0 the [B, L, V] logits are never built whole
+  (`chunked_sft_loss`); the loss is the same up to float reassociation.
+  """
 
   def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
     del rng
     model = nnx.merge(graphdef, params)
     tokens, valid = batch["tokens"], batch["valid"]
-    logits, _ = model(tokens[:, :-1], positions_from_valid(valid)[:, :-1], causal_mask(valid[:, :-1]))
-    s, c = sft_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:] * valid[:, 1:])
+    args = (tokens[:, :-1], positions_from_valid(valid)[:, :-1], causal_mask(valid[:, :-1]))
+    mask = batch["loss_mask"][:, 1:] * valid[:, 1:]
+    chunk = getattr(model.cfg, "logits_chunk", 0)
+    if chunk:
+      hidden, _ = model.model(*args)
+      s, c = chunked_sft_loss(hidden, tokens[:, 1:], mask, model.logits, chunk)
+    else:
+      logits, _ = model(*args)
+      s, c = sft_loss(logits, tokens[:, 1:], mask)
     return s, c, {}
 
   return loss_fn

@@ -1,6 +1,11 @@
 """The training loop shared by every trainer: sharded state, one jitted step with donated
 state, metrics, periodic checkpoints and exact resume (params, optimizer, RNG, step and the
-data iterator's position all come back)."""
+data iterator's position all come back).
+
+Multi-host: every process runs the same loop. Each loads only the rows of every global batch that
+its own devices hold (`host_rows`) and the step sees the global arrays, so the run is the one a
+single host with all the devices would make. Checkpoints are written by all processes (orbax);
+metrics and the progress bar come from process 0 only."""
 
 from __future__ import annotations
 
@@ -49,6 +54,18 @@ class TrainConfig:
     return self.batch_size // (self.micro_batch_size or self.batch_size)
 
 
+def host_rows(sharding: jax.sharding.Sharding, batch_size: int, num_micro: int) -> list[int]:
+  """Positions in each global batch [B] that this process's devices hold, in the order of its host
+  batch: `split_micro` makes it [num_micro, B / num_micro] and micro-batch m's rows on this process are
+  the `[m, lo:hi]` slices of the [num_micro, B / num_micro] batch sharding (several slices, in order,
+  where the mesh is laid out so)."""
+  micro = batch_size // num_micro
+  held: set[int] = set()
+  for index in sharding.addressable_devices_indices_map((num_micro, micro)).values():
+    held.update(range(*index[1].indices(micro)))
+  return [m * micro + r for m in range(num_micro) for r in sorted(held)]
+
+
 class Trainer:
   """Runs `loss_fn` over a data source for `cfg.steps` optimizer steps under `workdir`.
 
@@ -61,8 +78,8 @@ class Trainer:
                workdir: str | os.PathLike, meta: dict[str, Any] | None = None,
                eval_fn: Callable[[Any, int], dict[str, float]] | None = None, eval_every: int = 0,
                progress: bool = True, collate_fn: data_lib.CollateFn = data_lib.collate,
-               optimizer_wrapper: Callable[[Any], Any] | None = None):
-    self.cfg, self.mesh, self.workdir = cfg, mesh, str(workdir)
+               optimizer_wrapper: Callable[[Any], Any] | None = None, desc: str = "train"):
+    self.cfg, self.mesh, self.workdir, self.desc = cfg, mesh, str(workdir), desc
     self.collate_fn = collate_fn
     self.meta = dict(meta or {})
     self.eval_fn, self.eval_every, self.progress = eval_fn, eval_every, progress
@@ -85,60 +102,92 @@ class Trainer:
       self.num_compiles += 1  # runs only while tracing
       return step_fn(state, batch)
 
-    self.train_step = jax.jit(counted, donate_argnums=(0,),
-                              in_shardings=(self.state_shardings, self._batch_sharding),
-                              out_shardings=(self.state_shardings, None))
+    # Metrics replicated: every process can read them (only process 0 writes them).
+    self._step = jax.jit(counted, donate_argnums=(0,),
+                         in_shardings=(self.state_shardings, self._batch_sharding),
+                         out_shardings=(self.state_shardings, rep))
     self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                              max_to_keep=cfg.keep_checkpoints)
 
+  def train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step (jitted once per bucket, state donated). Traced under the mesh, so the
+    model's batch-axis constraints (`decoder.shard_batch`) keep activations split over the data axes."""
+    with jax.set_mesh(self.mesh):
+      return self._step(state, batch)
+
   # -- state -------------------------------------------------------------------------------
 
-  def _fresh_state(self) -> TrainState:
+  def init_state(self) -> TrainState:
+    """A fresh state: the initial params on their shards, a new optimizer state, step 0."""
     params = jax.device_put(self._init_params, self.state_shardings.params)
     init = jax.jit(lambda p: init_state(p, self.optimizer, self.cfg.seed),
                    out_shardings=self.state_shardings)
     return init(params)
 
-  def _restore(self, data_iter) -> TrainState:
+  def saved_steps(self) -> list[int]:
+    """Steps with a checkpoint under this trainer's workdir, oldest first."""
+    return sorted(self.ckpt.all_steps())
+
+  def restore_state(self, step: int | None = None, *, data_iter: Any = None) -> tuple[TrainState, dict[str, Any]]:
+    """(state, meta) of checkpoint `step` (default: the newest), on this trainer's shardings; a
+    given data iterator is restored in place. The state's step is the optimizer-step count the
+    checkpoint was saved at, whatever number it was saved under."""
     abstract = jax.eval_shape(lambda p: init_state(p, self.optimizer, self.cfg.seed), self._init_params)
-    r = self.ckpt.restore(params_like=abstract.params, param_shardings=self.state_shardings.params,
+    r = self.ckpt.restore(step, params_like=abstract.params, param_shardings=self.state_shardings.params,
                           opt_state_like=abstract.opt_state, opt_shardings=self.state_shardings.opt_state,
                           rng=True, data_iter=data_iter)
     rep = self.state_shardings.step
-    return TrainState(jax.device_put(np.int32(r.step), rep), r.params, r.opt_state,
-                      jax.device_put(r.rng, rep))
+    count = int(r.meta.get("train_step", r.step))
+    state = TrainState(jax.device_put(np.int32(count), rep), r.params, r.opt_state, jax.device_put(r.rng, rep))
+    return state, r.meta
 
-  def save(self, state: TrainState, data_iter, *, force: bool = False) -> None:
-    step = int(state.step)
-    self.ckpt.save(step, params=state.params, opt_state=state.opt_state, rng=state.rng,
-                   data_iter=data_iter, meta={**self.meta, "step": step}, force=force)
+  def save(self, state: TrainState, data_iter: Any = None, *, step: int | None = None,
+           meta: dict[str, Any] | None = None, force: bool = False) -> None:
+    """Checkpoint `state` under `step` (default: its optimizer-step count) with this trainer's
+    meta plus `meta`; callers that count steps differently (RL: one step = several optimizer
+    steps) save under their own number."""
+    count = int(state.step)
+    step = count if step is None else step
+    self.ckpt.save(step, params=state.params, opt_state=state.opt_state, rng=state.rng, data_iter=data_iter,
+                   meta={**self.meta, **(meta or {}), "step": step, "train_step": count}, force=force)
 
   # -- loop --------------------------------------------------------------------------------
 
-  def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  def device_batch(self, batch: dict[str, np.ndarray], *, global_batch: int | None = None
+                   ) -> dict[str, jax.Array]:
+    """This process's rows [b, ...] -> the step's input: global [num_micro, B / num_micro, ...] arrays
+    on the batch sharding. `global_batch` (B) is needed only where processes share rows (a model
+    axis across hosts); by default each process holds its own rows and B is inferred."""
     micro = data_lib.split_micro(batch, self.cfg.num_micro)
-    return {k: jax.make_array_from_process_local_data(self._batch_sharding, v) for k, v in micro.items()}
+
+    def one(v: np.ndarray) -> jax.Array:
+      shape = None if global_batch is None else (v.shape[0], global_batch // v.shape[0], *v.shape[2:])
+      return jax.make_array_from_process_local_data(self._batch_sharding, v, shape)
+    return {k: one(v) for k, v in micro.items()}
+
+  def host_rows(self) -> list[int]:
+    """The rows of each global batch of `cfg.batch_size` that this process loads (`host_rows`)."""
+    return host_rows(self._batch_sharding, self.cfg.batch_size, self.cfg.num_micro)
 
   def run(self, source: Any) -> TrainState:
     cfg = self.cfg
-    local_batch = cfg.batch_size // jax.process_count()
-    ds = data_lib.batch_dataset(source, batch_size=local_batch, buckets=cfg.buckets,
+    primary = jax.process_index() == 0
+    ds = data_lib.batch_dataset(source, batch_size=cfg.batch_size, buckets=cfg.buckets,
                                 seed=cfg.seed, pad_id=cfg.pad_id, group_by_length=cfg.group_by_length,
-                                shard=(jax.process_index(), jax.process_count()),
-                                collate_fn=self.collate_fn)
+                                rows=self.host_rows(), collate_fn=self.collate_fn)
     data_iter = iter(ds)
     if self.ckpt.latest_step() is not None:
-      state = self._restore(data_iter)
+      state, _ = self.restore_state(data_iter=data_iter)
     else:
-      state = self._fresh_state()
+      state = self.init_state()
     start = int(state.step)
-    writer = MetricWriter(os.path.join(self.workdir, "logs"))
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not self.progress,
-               dynamic_ncols=True)
+    writer = MetricWriter(os.path.join(self.workdir, "logs"), start_step=start, enabled=primary)
+    bar = tqdm(total=cfg.steps, initial=start, desc=self.desc, unit="step", dynamic_ncols=True,
+               disable=not self.progress or not primary)
     pending = None
     try:
       for step in range(start, cfg.steps):
-        state, metrics = self.train_step(state, self._device_batch(next(data_iter)))
+        state, metrics = self.train_step(state, self.device_batch(next(data_iter), global_batch=cfg.batch_size))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
           pending = jax.device_get(metrics)
@@ -156,4 +205,6 @@ class Trainer:
     return state
 
   def close(self) -> None:
+    """Waits for pending checkpoint writes, then releases the checkpointer."""
+    self.ckpt.wait()
     self.ckpt.close()

@@ -3,7 +3,7 @@
     python experiments/main.py --config experiments/configs/demo.py --config.workdir=/tmp/demo
 
 Stage 1: builds the synthetic task world, imports the shipped warm-started ~4M-parameter policy
-(assets/demo_policy; `--config.warmstart.asset=''` trains one instead), samples 4 candidates for
+(assets/demo_policy; `--config.model.hf_dir=''` trains one instead), samples 4 candidates for
 each of 300 training questions with real tool calls, scores and repairs them, and writes the SFT
 set, the preference pairs and the stats report (report/). Stage 2: evaluates the base policy,
 SFT on high-quality only, AutoTraj SFT (high-quality + repaired), trains the Bradley-Terry RM on
@@ -11,7 +11,7 @@ the pairs, runs GRPO with outcome + format rewards and with outcome + format + R
 AutoTraj SFT policy, evaluates each on held-out test questions and writes results.json,
 results.md and plots/. Expected runtime on a quiet 2-core CPU: about 15 minutes (generation 1.5,
 repair 2.5, each evaluation 0.3, each SFT 1.1, the RM 1.5, each GRPO variant 2.6). Expected result:
-the five-row table in results.md, all rows near 26-30% (figures of runs are in the README).
+the five-row table in results.md (figures of runs are in the README).
 """
 
 import os
@@ -24,5 +24,5 @@ from common import STAGE1, STAGE2, base_config  # noqa: E402
 def get_config():
   c = base_config()
   c.stages = STAGE1 + STAGE2
-  c.repair.max_originals = 240  # all ~60 low-quality + the first wrong ones; all ~950 would take ~10 min
+  c.repair.max_originals = 240  # all ~60 low-quality + wrong ones round-robin over questions; all ~950: ~10 min
   return c

@@ -21,6 +21,6 @@ def get_config():
   c = base_config()
   c.stages = ("world", "tokenizer", "warmstart", "eval", "export_policy")
   c.export_dir = DEMO_POLICY
-  c.warmstart.asset = ""
+  c.model.hf_dir = ""
   c.eval.max_questions = 200
   return c

@@ -6,7 +6,7 @@ of any pipeline, also one where some variants were never trained:
 - `eval/<name>.json` for each `(label, eval_name)` of `config.results.rows`; a missing file gives
   a row marked `"missing": true` and a warning, not a crash.
 - `rl_<variant>/logs` for each variant of `config.results.curves`, every `sft_*/logs`, and
-  `rm/eval.json` (+ `rm/scores.png` or `rm/score_samples.json`) when they exist.
+  `rm/eval.json` (+ `rm/scores.png`) when they exist.
 
 It writes `results.json` (the rows), `results.md` (the table, the reward model's pair accuracy,
 the plots and the stage wall times) and PNG plots in `plots/`. A plot whose logs are absent is
@@ -17,22 +17,22 @@ skipped and the reason is written to `results.md`. Like every stage it is marked
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
 import os
-import shutil
 from typing import Any, Callable, Mapping, Sequence
 
-from autotraj_jax.metrics import read_metrics
-from autotraj_jax.stages import Workdir, register_stage
+from autotraj_jax.pipeline import plots
+from autotraj_jax.pipeline.workdir import Workdir
+from autotraj_jax.tir.records import write_json
 
 log = logging.getLogger(__name__)
 
 # Row keys of results.json that rename an eval metric, so the table reads the same for every run.
 RENAMED = {"pass@1": "accuracy", "mean_response_tokens": "mean_length"}
-NON_METRIC_KEYS = ("label", "eval", "missing", "error")
+NON_METRIC_KEYS = ("label", "name", "missing", "error")
+PAIRED_METRICS = ("accuracy", "hq_at_1")  # per-question 0/1 outcomes compared between adjacent rows
 
 
 def _pct(v: float) -> str:
@@ -43,16 +43,23 @@ def _num(digits: int) -> Callable[[float], str]:
   return lambda v: f"{v:.{digits}f}"
 
 
-# (row key, column header, formatter) of the main table; grid.py shows the first four.
+# (row key, column header, formatter) of the main table; grid.py shows the first MAIN.
 COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("accuracy", "accuracy", _pct),
+    ("hq_at_1", "HQ@1", _pct),
     ("format_error_rate", "format errors", _pct),
     ("tool_calls_per_question", "tool calls / q", _num(2)),
     ("mean_length", "mean length (tokens)", _num(1)),
     ("answered_rate", "answered", _pct),
     ("tool_error_rate", "tool errors", _pct),
+    ("hedging_rate", "hedging", _pct),
+    ("tool_problem_rate", "tool problems", _pct),
+    ("model_tokens_per_correct", "tokens / correct", _num(1)),
     ("questions", "questions", lambda v: str(int(v))),
 )
+
+
+MAIN = 5  # the leading COLUMNS that grid.md shows too
 
 
 def formatter(key: str) -> Callable[[float], str]:
@@ -72,7 +79,7 @@ def load_rows(eval_dir: str, rows: Sequence[Sequence[str]]) -> list[dict[str, An
   out = []
   for label, name in rows:
     path = os.path.join(eval_dir, f"{name}.json")
-    row: dict[str, Any] = {"label": label, "eval": name}
+    row: dict[str, Any] = {"label": label, "name": name}
     try:
       with open(path) as f:
         metrics = json.load(f)
@@ -92,126 +99,64 @@ def load_rows(eval_dir: str, rows: Sequence[Sequence[str]]) -> list[dict[str, An
   return out
 
 
-def _find_logs(run_dir: str) -> list[dict[str, Any]]:
-  """Metric records of a training dir; LoRA runs log under `train/`."""
-  for sub in ("logs", os.path.join("train", "logs")):
-    records = read_metrics(os.path.join(run_dir, sub))
-    if records:
-      return records
-  return []
+def per_question(eval_dir: str, name: str) -> dict[str, dict[str, float]]:
+  """question id -> {accuracy, hq_at_1} of eval `name`'s greedy trajectories (empty if absent)."""
+  from autotraj_jax.tir.trajectory import iter_trajectories
+  path = os.path.join(eval_dir, f"{name}.trajectories.jsonl")
+  if not os.path.exists(path):
+    return {}
+  out = {}
+  for t in iter_trajectories(path):
+    correct = t.scores.get("correctness", t.scores.get("correct", 0.0))
+    out[t.question_id] = {"accuracy": float(correct), "hq_at_1": float(t.quality == "high")}
+  return out
 
 
-def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
-  pts = [(r["step"], r[key]) for r in records if "step" in r and _is_number(r.get(key))]
-  return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _line(ax, x: Sequence[float], y: Sequence[float], **kw) -> None:
-  """A line, with markers when it has too few points to show as one."""
-  ax.plot(x, y, marker=kw.pop("marker", "o" if len(x) < 3 else None), **kw)
-
-
-def make_plots(root: str, curves: Sequence[str], out_dir: str) -> dict[str, str]:
-  """Writes the PNGs it has data for; returns `{file name: ''}` for written and the reason for skipped."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  os.makedirs(out_dir, exist_ok=True)
-  notes: dict[str, str] = {}
-  rl = {v: _find_logs(os.path.join(root, f"rl_{v}")) for v in curves}
-  rl = {v: recs for v, recs in rl.items() if recs}
-  absent = ", ".join(f"rl_{v}/logs" for v in curves) or "no RL variants in results.curves"
-
-  def save(fig, name: str) -> None:
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, name), dpi=80)
-    plt.close(fig)
-    notes[name] = ""
-
-  # Reward: the total, then one panel per logged component (outcome, format, rm, ...).
-  keys = [k for k in ("reward",) if any(_series(r, k)[0] for r in rl.values())]
-  keys += sorted({k for recs in rl.values() for r in recs for k in r if k.startswith("reward/")})
-  if keys:
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-      for i, (v, recs) in enumerate(rl.items()):  # one colour per variant across the panels
-        x, y = _series(recs, key)
-        if x:
-          _line(ax, x, y, color=f"C{i}", label=v)
-      ax.set_title(key)
-      ax.set_xlabel("step")
-      ax.legend(fontsize=7)
-    save(fig, "rl_reward.png")
-  else:
-    notes["rl_reward.png"] = f"no reward logged ({absent})"
-
-  if any(_series(r, "accuracy")[0] for r in rl.values()):
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for i, (v, recs) in enumerate(rl.items()):
-      x, y = _series(recs, "accuracy")
-      if x:
-        _line(ax, x, y, color=f"C{i}", label=v)
-    ax.set_title("RL training accuracy")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=7)
-    save(fig, "rl_accuracy.png")
-  else:
-    notes["rl_accuracy.png"] = f"no accuracy logged ({absent})"
-
-  sft = {os.path.basename(d): _find_logs(d) for d in sorted(glob.glob(os.path.join(root, "sft_*"))) if os.path.isdir(d)}
-  sft = {k: v for k, v in sft.items() if v}
-  if sft:
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for i, (name, recs) in enumerate(sft.items()):
-      color = f"C{i}"
-      x, y = _series(recs, "loss")
-      if x:
-        _line(ax, x, y, color=color, label=f"{name} train")
-      x, y = _series(recs, "eval/loss")
-      if x:
-        _line(ax, x, y, color=color, linestyle="--", marker="o", label=f"{name} eval")
-    ax.set_title("SFT loss")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=7)
-    save(fig, "sft_loss.png")
-  else:
-    notes["sft_loss.png"] = "no sft_*/logs found"
-
-  # The RM's score histogram: the RM stage's own plot if it made one, else drawn from its samples.
-  png, samples = os.path.join(root, "rm", "scores.png"), os.path.join(root, "rm", "score_samples.json")
-  if os.path.exists(png):
-    shutil.copyfile(png, os.path.join(out_dir, "rm_scores.png"))
-    notes["rm_scores.png"] = ""
-  elif os.path.exists(samples):
-    with open(samples) as f:
-      by_quality = {q: [float(v) for v in vs] for q, vs in json.load(f).items()}
-    every = [v for vs in by_quality.values() for v in vs]
-    lo, hi = (min(every), max(every)) if every else (0.0, 1.0)
-    bins = [lo + (hi - lo + (hi == lo)) * i / 20 for i in range(21)]  # shared, so the bars compare
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for quality, scores in by_quality.items():
-      if scores:
-        ax.hist(scores, bins=bins, alpha=0.6, label=f"{quality} (n={len(scores)})")
-    ax.set_title("reward-model scores by quality")
-    ax.set_xlabel("score")
-    ax.legend(fontsize=7)
-    save(fig, "rm_scores.png")
-  else:
-    notes["rm_scores.png"] = "no rm/scores.png or rm/score_samples.json"
-  return notes
+def comparisons(rows: Sequence[Mapping[str, Any]], eval_dir: str, metrics: Sequence[str] = PAIRED_METRICS,
+                seed: int = 0) -> list[dict[str, Any]]:
+  """For each adjacent pair of evaluated rows (a, b) and metric: mean(b) - mean(a) over the
+  questions both answered, with a paired-bootstrap 95% interval."""
+  from autotraj_jax.stats import paired_bootstrap
+  present = [r for r in rows if not r.get("missing")]
+  out = []
+  for a, b in zip(present, present[1:]):
+    qa, qb = per_question(eval_dir, a["name"]), per_question(eval_dir, b["name"])
+    common = sorted(set(qa) & set(qb))
+    if not common:
+      continue
+    for m in metrics:
+      diff, (low, high) = paired_bootstrap([qa[q][m] for q in common], [qb[q][m] for q in common], seed=seed)
+      out.append({"a": a["name"], "b": b["name"], "metric": m, "diff": float(diff),
+                  "ci95": [float(low), float(high)], "n": len(common)})
+  return out
 
 
 def table_rows(rows: Sequence[Mapping[str, Any]],
                cell: Callable[[Mapping[str, Any], str], str]) -> list[dict[str, str]]:
   """Rows for `markdown_table`: the main columns, plus maj@k when some row has it."""
   extra = sorted({k for r in rows for k in r if k.startswith("maj@")})
-  cols = [(k, h) for k, h, _ in COLUMNS[:4]] + [(k, k) for k in extra] + [(k, h) for k, h, _ in COLUMNS[4:]]
+  cols = [(k, h) for k, h, _ in COLUMNS[:MAIN]] + [(k, k) for k in extra] + [(k, h) for k, h, _ in COLUMNS[MAIN:]]
   return [{"variant": r["label"], **{h: cell(r, k) for k, h in cols}} for r in rows]
 
 
+def comparison_lines(comps: Sequence[Mapping[str, Any]], label: Mapping[str, str]) -> list[str]:
+  """A markdown table of adjacent-row differences with their 95% intervals."""
+  if not comps:
+    return []
+  lines = ["## Differences between adjacent rows", "",
+           "Paired bootstrap over the questions both rows answered (10,000 resamples); an interval that "
+           "excludes 0 is a difference the test set resolves.", "",
+           "| from | to | metric | difference | 95% interval | questions |", "|---|---|---|---|---|---|"]
+  for c in comps:
+    lo, hi = c["ci95"]
+    lines.append(f"| {label.get(c['a'], c['a'])} | {label.get(c['b'], c['b'])} | {c['metric']} | "
+                 f"{100 * c['diff']:+.1f} pts | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {c.get('n', '-')} |")
+  return lines + [""]
+
+
 def render_markdown(rows: Sequence[Mapping[str, Any]], rm: Mapping[str, Any] | None,
-                    plot_notes: Mapping[str, str], stage_info: Mapping[str, Mapping[str, Any]]) -> str:
+                    plot_notes: Mapping[str, str], stage_info: Mapping[str, Mapping[str, Any]],
+                    comps: Sequence[Mapping[str, Any]] = ()) -> str:
   from autotraj_jax.eval import markdown_table
 
   def cell(r: Mapping[str, Any], k: str) -> str:
@@ -221,9 +166,10 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], rm: Mapping[str, Any] | N
 
   lines = ["# Results", "", "Greedy pass@1 on the held-out test questions (`eval/<name>.json`).", "",
            markdown_table(table_rows(rows, cell))]
-  missing = [f"`{r['eval']}`" + (f" ({r['error']})" if r.get("error") else "") for r in rows if r.get("missing")]
+  missing = [f"`{r['name']}`" + (f" ({r['error']})" if r.get("error") else "") for r in rows if r.get("missing")]
   if missing:
     lines += [f"Not evaluated in this run: {'; '.join(missing)}.", ""]
+  lines += comparison_lines(comps, {r["name"]: r["label"] for r in rows})
   if rm is not None:
     lines += ["## Reward model", ""]
     acc, margin = rm.get("pair_accuracy"), rm.get("pair_margin")
@@ -239,9 +185,9 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], rm: Mapping[str, Any] | N
     scores = rm.get("scores") or {}
     if scores:
       lines += ["", "| quality | mean score | std | n |", "|---|---|---|---|"]
-      for q, s in scores.items():
-        f = lambda k: f"{s[k]:.3f}" if _is_number(s.get(k)) else "-"
-        lines.append(f"| {q} | {f('mean')} | {f('std')} | {s.get('n', '-')} |")
+      for q, st in scores.items():
+        mean, std = (f"{st[k]:.3f}" if _is_number(st.get(k)) else "-" for k in ("mean", "std"))
+        lines.append(f"| {q} | {mean} | {std} | {st.get('n', '-')} |")
     lines.append("")
   lines += ["## Plots", ""]
   for name, note in plot_notes.items():
@@ -265,23 +211,24 @@ def _in_pipeline_order(info: Mapping[str, Any], stages: Sequence[str]) -> dict[s
   return dict(sorted(info.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
-@register_stage("results")
 def results_stage(config, wd: Workdir) -> None:
+  """results.json, results.md and plots/: every evaluated variant side by side, with curves."""
   node = config.get("results") or {}
   rows = load_rows(wd.path("eval"), [tuple(r) for r in node.get("rows", ())])
   for r in rows:
-    if r["missing"] and (reason := wd.skipped(r["eval"])):
+    if r["missing"] and (reason := wd.skipped(r["name"])):
       r["error"] = f"not trained: {reason}"
-  with open(wd.path("results.json"), "w") as f:
-    json.dump(rows, f, indent=2)
-  plot_notes = make_plots(wd.root, tuple(node.get("curves", ())), os.path.join(wd.root, "plots"))
+  comps = comparisons(rows, wd.path("eval"), seed=config.seed)
+  write_json(wd.path("results.json"), {"rows": rows, "comparisons": comps})
+  plot_notes = plots.make_plots(wd.root, tuple(node.get("curves", ())), os.path.join(wd.root, "plots"))
   rm = None
   rm_path = os.path.join(wd.root, "rm", "eval.json")
   if os.path.exists(rm_path):
     with open(rm_path) as f:
       rm = json.load(f)
   with open(wd.path("results.md"), "w") as f:
-    f.write(render_markdown(rows, rm, plot_notes, _in_pipeline_order(wd.stage_info(), config.get("stages", ()))))
+    f.write(render_markdown(rows, rm, plot_notes, _in_pipeline_order(wd.stage_info(), config.get("stages", ())),
+                            comps))
   found = [r for r in rows if not r["missing"]]
   log.info("results: %d/%d variants evaluated; %s", len(found), len(rows),
            ", ".join(f"{r['label']}: {r.get('accuracy', float('nan')):.3f}" for r in found))

@@ -1,12 +1,12 @@
-"""Stages of the embedded default: the synthetic world, a local tokenizer, the warm-started policy.
+"""Where the policy comes from: the synthetic world, the tokenizer, the starting policy.
 
-They stand in for what a real run downloads (a benchmark, a tokenizer, an instruct model), so the
-whole pipeline runs on a CPU with no server and no download.
-
-Warm-starting a policy that solves a fair share of tasks takes longer than the whole demo is
-allowed, so the project ships one (`assets/demo_policy`: HF safetensors + tokenizer, made by
-`experiments/configs/demo_policy.py` with these same stages). With `config.warmstart.asset`
-set, the tokenizer and warmstart stages import it instead of training; with it empty they train.
+With `config.model.hf_dir` set (an HF directory: a real checkpoint such as Qwen2.5-7B-Instruct, or
+the shipped demo policy `assets/demo_policy`, the default), the tokenizer stage copies its
+tokenizer and chat template and the warmstart stage imports its weights. With it empty, they
+stand in for a download on the embedded default: a BPE tokenizer is trained on the synthetic world
+and a small policy is warm-started from scratch (`experiments/configs/demo_policy.py` does this and
+exports the result, which is how `assets/demo_policy` is made), so the whole pipeline runs on a CPU
+with no server and no download.
 """
 
 from __future__ import annotations
@@ -17,39 +17,39 @@ import os
 
 import jax
 
-
-from autotraj_jax.stages import Workdir, register_stage
+from autotraj_jax.pipeline import builders
+from autotraj_jax.pipeline.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
 
-@register_stage("world")
 def world_stage(config, wd: Workdir) -> None:
+  """The synthetic task world: train/validation/test question splits and the search corpus."""
   from autotraj_jax.taskworld import write_world
   w = config.world
   write_world(wd.path("world"), seed=w.seed, sizes={"train": w.train, "validation": w.validation, "test": w.test},
               families=tuple(w.families), difficulty=tuple(w.difficulty), num_entities=w.num_entities)
 
 
-def _asset(config) -> str | None:
-  path = config.warmstart.get("asset", "")
+def _hf_dir(config) -> str | None:
+  path = config.model.hf_dir
   if not path:
     return None
   if not os.path.isfile(os.path.join(path, "config.json")):
-    raise FileNotFoundError(f"warmstart.asset {path} holds no HF checkpoint (config.json); "
-                            "pass --config.warmstart.asset='' to warm-start from scratch")
+    raise FileNotFoundError(f"model.hf_dir {path} holds no HF checkpoint (config.json); "
+                            "pass --config.model.hf_dir='' to warm-start the demo policy from scratch")
   return path
 
 
-@register_stage("tokenizer")
 def tokenizer_stage(config, wd: Workdir) -> None:
-  """A byte-level BPE trained on generic text plus rendered task-world trajectories (or the
-  shipped policy's tokenizer, which that policy needs)."""
-  asset = _asset(config)
-  if asset:
+  """The policy's tokenizer and chat template (from model.hf_dir), or a BPE trained on the world."""
+  hf_dir = _hf_dir(config)
+  if hf_dir:
     from autotraj_jax.models.hf import copy_sidecar_files
-    if not copy_sidecar_files(asset, wd.path("tokenizer")):
-      raise FileNotFoundError(f"no tokenizer files in {asset}")
+    from autotraj_jax.tokenizer import load_tokenizer
+    if not copy_sidecar_files(hf_dir, wd.path("tokenizer")):
+      raise FileNotFoundError(f"model.hf_dir {hf_dir} has no tokenizer files (tokenizer.json)")
+    load_tokenizer(wd.path("tokenizer"))  # a corrupt tokenizer fails here, not in a later stage
     return
   from autotraj_jax.taskworld import read_corpus, read_split, render_reference_trajectory
   from autotraj_jax.tokenizer import demo_tokenizer_corpus, train_tokenizer
@@ -63,26 +63,24 @@ def tokenizer_stage(config, wd: Workdir) -> None:
   train_tokenizer(texts, wd.path("tokenizer"), vocab_size=config.tokenizer.vocab_size)
 
 
-@register_stage("warmstart")
 def warmstart_stage(config, wd: Workdir) -> None:
-  """SFT of a randomly initialised demo policy (also the demo repairer) on flawed references."""
-  from autotraj_jax import sharding as shd
+  """The starting policy: model.hf_dir's weights, or a demo policy warm-started from scratch."""
   from autotraj_jax.models import get_preset, init_model
   from autotraj_jax.taskworld import read_corpus, read_split
   from autotraj_jax.taskworld.demo_policy import FlawRates, warmstart_examples
   from autotraj_jax.tir.tools import make_tool
   from autotraj_jax.tokenizer import load_tokenizer
-  from autotraj_jax.training.optimizer import OptimizerConfig
   from autotraj_jax.training.sft import make_sft_loss
-  from autotraj_jax.training.trainer import TrainConfig, Trainer
+  from autotraj_jax.training.trainer import Trainer
 
   node = config.warmstart
-  asset = _asset(config)
-  if asset:  # the shipped warm-started policy
+  hf_dir = _hf_dir(config)
+  if hf_dir:
     from autotraj_jax.checkpoint import save_model
     from autotraj_jax.models.hf import load_hf
-    cfg, kind, params = load_hf(asset, dtype="float32")
-    save_model(wd.path("policy", "checkpoints"), params, cfg, kind=kind, extra_meta={"source": asset})
+    cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype=config.model.param_dtype)
+    cfg = cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk)  # kept by later stages
+    save_model(wd.model_dir("policy"), params, cfg, kind=kind, extra_meta={"source": hf_dir})
     return
   tokenizer = load_tokenizer(wd.path("tokenizer"))
   corpus = read_corpus(wd.path("world", "corpus.jsonl"))
@@ -98,24 +96,19 @@ def warmstart_stage(config, wd: Workdir) -> None:
   with open(wd.path("policy", "warmstart_data.json"), "w") as f:
     json.dump(counts, f, indent=2)
   log.info("warmstart examples: %s", counts)
-  model_cfg = get_preset(config.model.preset, vocab_size=len(tokenizer))
+  model_cfg = get_preset(config.model.preset, vocab_size=len(tokenizer), remat=config.model.remat,
+                         logits_chunk=config.model.logits_chunk)
   graphdef, params = init_model(model_cfg, seed=config.seed)
-  mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1))
-  cfg = TrainConfig(steps=node.steps, batch_size=node.batch_size, micro_batch_size=node.micro_batch_size,
-                    buckets=tuple(node.buckets), seed=config.seed, log_every=node.log_every,
-                    checkpoint_every=node.checkpoint_every, keep_checkpoints=1,
-                    pad_id=tokenizer.pad_token_id or 0, group_by_length=True,
-                    optimizer=OptimizerConfig(learning_rate=node.learning_rate, warmup_steps=node.warmup_steps,
-                                              total_steps=node.steps, end_lr_ratio=0.1, weight_decay=0.01))
-  trainer = Trainer(cfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=mesh, workdir=wd.path("policy"),
-                    meta={"model_config": model_cfg.to_dict(), "model_kind": "causal_lm"})
+  cfg = builders.train_config(node, seed=config.seed, pad_id=tokenizer.pad_token_id or 0)
+  trainer = Trainer(cfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=builders.make_mesh(config),
+                    workdir=wd.path("policy"), meta={"model_config": model_cfg.to_dict(), "model_kind": "causal_lm"},
+                    desc="warmstart")
   try:
     trainer.run(examples)
   finally:
     trainer.close()
 
 
-@register_stage("export_policy")
 def export_policy_stage(config, wd: Workdir) -> None:
   """The warm-started policy as an HF directory (bf16 safetensors + tokenizer) at `config.export_dir`:
   how `assets/demo_policy` is made."""

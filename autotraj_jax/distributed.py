@@ -1,0 +1,57 @@
+"""Multi-host start-up: one call, before anything touches a device, that joins this process to the run.
+
+TPU pods, Slurm/MPI/Kubernetes GPU hosts: JAX finds the coordinator, the process count and this
+process's id itself. Anywhere else (several processes on CPU hosts, a test on localhost) the
+environment names them: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES,
+JAX_PROCESS_ID and optionally JAX_LOCAL_DEVICE_IDS (comma-separated, GPU only).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+NUM_PROCESSES = "JAX_NUM_PROCESSES"
+PROCESS_ID = "JAX_PROCESS_ID"
+LOCAL_DEVICE_IDS = "JAX_LOCAL_DEVICE_IDS"
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+  text = env.get(name, "").strip()
+  if not text:
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
+
+def init_args(env: Mapping[str, str] | None = None) -> dict[str, object]:
+  """Keyword arguments for `jax.distributed.initialize` from the environment; empty when it names
+  no process count (then JAX detects the cluster itself)."""
+  env = os.environ if env is None else env
+  num, pid = _int(env, NUM_PROCESSES), _int(env, PROCESS_ID)
+  if num is None and pid is None:
+    return {}
+  address = env.get(COORDINATOR, "").strip()
+  if num is None or pid is None or not address:
+    raise ValueError(f"{NUM_PROCESSES}, {PROCESS_ID} and {COORDINATOR} must be set together, got "
+                     f"{NUM_PROCESSES}={num}, {PROCESS_ID}={pid}, {COORDINATOR}={address or None}")
+  if num < 1 or not 0 <= pid < num:
+    raise ValueError(f"{PROCESS_ID}={pid} is not in [0, {NUM_PROCESSES}={num})")
+  args: dict[str, object] = {"coordinator_address": address, "num_processes": num, "process_id": pid}
+  ids = env.get(LOCAL_DEVICE_IDS, "").strip()
+  if ids:
+    try:
+      args["local_device_ids"] = [int(i) for i in ids.split(",")]
+    except ValueError:
+      raise ValueError(f"{LOCAL_DEVICE_IDS} must be comma-separated integers, got {ids!r}") from None
+  return args
+
+
+def initialize(env: Mapping[str, str] | None = None) -> None:
+  """Joins the multi-process run: explicit settings from the environment if it has them, else JAX's
+  own cluster detection (TPU pods, Slurm, MPI, Kubernetes). Call once, before the first device use."""
+  import jax
+  jax.distributed.initialize(**init_args(env))

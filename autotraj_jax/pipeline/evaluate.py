@@ -1,0 +1,130 @@
+"""Evaluation stages: greedy pass@1 (and maj@k) with real tool calls, plus quality metrics.
+
+- `eval:NAME` evaluates the model trained as NAME in this workdir on the test split (`eval:base`
+  is the starting policy; with an SGLang backend, whatever the server serves) and writes
+  `eval/NAME.json`, `.md` and the greedy trajectories.
+- `eval_files` evaluates the policy on every file of `config.eval.files` (benchmark JSONL with
+  `id, question, answer, domain`; the checker is chosen per line by `domain`) and writes one table,
+  `eval/results.json` and `eval/results.md`, with a row per file (`eval_files:NAME`: the model
+  trained as NAME, under `eval/NAME/`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Sequence
+
+from autotraj_jax import scoring
+from autotraj_jax.pipeline import builders
+from autotraj_jax.pipeline.workdir import Workdir
+from autotraj_jax.tir import records
+from autotraj_jax.tir.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+
+def quality_metrics(trajs: Sequence[Trajectory], cfg: scoring.ScoringConfig) -> dict[str, float]:
+  """HQ@1 (correct AND passing every quality floor of the scoring preset) and behaviour rates.
+
+  Each greedy trajectory is scored alone (its length is not compared with other candidates), so
+  HQ@1 sees hedging, failed or repeated tool calls, broken format and repetition, not length.
+  Scores land on the trajectories (`scores`, `quality`), which the report keeps per question.
+  """
+  n = max(len(trajs), 1)
+  for t in trajs:
+    scoring.score_group([t], cfg)
+  correct = [t for t in trajs if t.quality in (scoring.HIGH, scoring.LOW)]
+  below = lambda dim: sum(t.scores.get(dim, 1.0) < 1.0 for t in trajs) / n
+  return {"hq_at_1": sum(t.quality == scoring.HIGH for t in trajs) / n,
+          "hedging_rate": below("confidence"), "tool_problem_rate": below("tool_use"),
+          "tool_calls_per_correct": sum(len(t.tool_calls) for t in correct) / max(len(correct), 1),
+          "model_tokens_per_correct": sum(t.num_model_tokens for t in correct) / max(len(correct), 1)}
+
+
+def eval_stage(config, wd: Workdir, variant: str = "") -> None:
+  """Greedy pass@1 (and maj@k) with tool use of a model on the test split (eval:NAME: the model NAME)."""
+  from autotraj_jax.eval import EvalConfig, evaluate, write_report
+  node = config.eval
+  queries = builders.load_split(config, wd, node.split, node.max_questions)
+  name = variant or node.name
+  model = None if not variant or variant == "base" else variant
+  if model and (reason := wd.skipped(model)):
+    log.warning("eval %s: skipped, the model was not trained (%s)", name, reason)
+    return
+  tokenizer, backend = builders.make_backend(config, wd, "policy", model=model)
+  tools = builders.make_tools(config, wd)
+  try:
+    metrics, trajs = evaluate(backend, tokenizer, tools, queries,
+                              EvalConfig(rollout=builders.rollout_config(node, config.seed), maj_k=node.maj_k,
+                                         seed=config.seed), progress=f"eval:{name}")
+  finally:
+    builders.close_tools(tools)
+  metrics.update(quality_metrics(trajs, builders.scoring_config(config)))
+  write_report(wd.path("eval"), name, metrics, trajs)
+  log.info("eval %s: %s", name, json.dumps(metrics))
+
+
+FILE_COLUMNS = ("questions", "pass@1", "hq_at_1", "format_error_rate", "tool_calls_per_question",
+                "mean_response_tokens", "prompt_too_long")
+
+
+def file_name(path: str) -> str:
+  """A row name for a question file: its stem ('gsm8k-test')."""
+  base = os.path.basename(path)
+  return base[:-len(".jsonl")] if base.endswith(".jsonl") else os.path.splitext(base)[0]
+
+
+def eval_files_stage(config, wd: Workdir, variant: str = "") -> None:
+  """One results table over the question files of eval.files (eval_files:NAME: the model NAME)."""
+  from autotraj_jax.eval import EvalConfig, evaluate, markdown_table, write_report
+  from autotraj_jax.questions import load_questions
+  from autotraj_jax.tir.answers import QA_DOMAINS
+  node = config.eval
+  if not node.files:
+    raise FileNotFoundError("eval_files: no question files; pass --config.eval.files=a.jsonl,b.jsonl")
+  names = [file_name(f) for f in node.files]
+  if len(set(names)) != len(names):
+    raise ValueError(f"eval.files: two files share a name: {names}")
+  questions = {f: load_questions(f, node.max_questions or None) for f in node.files}  # all checked first
+  if "search" not in config.tools.names and any(q.domain in QA_DOMAINS for qs in questions.values() for q in qs):
+    log.warning("eval_files: knowledge questions but no search tool; add 'search' to tools.names with "
+                "tools.search_url (a retrieval server) or tools.corpus (a JSONL corpus)")
+  model = None if not variant or variant == "base" else variant
+  if model and (reason := wd.skipped(model)):
+    log.warning("eval_files %s: skipped, the model was not trained (%s)", model, reason)
+    return
+  out_dir = os.path.join(wd.root, "eval", variant)  # variant '' -> eval/
+  os.makedirs(out_dir, exist_ok=True)
+  tokenizer, backend = builders.make_backend(config, wd, "policy", model=model)
+  tools = builders.make_tools(config, wd)
+  rows = []
+  try:
+    for path, name in zip(node.files, names):
+      metrics, trajs = evaluate(backend, tokenizer, tools, questions[path],
+                                EvalConfig(rollout=builders.rollout_config(node, config.seed), maj_k=node.maj_k,
+                                           seed=config.seed), progress=f"eval:{name}")
+      metrics.update(quality_metrics(trajs, builders.scoring_config(config)))
+      write_report(out_dir, name, metrics, trajs)
+      rows.append({"name": name, "file": os.path.abspath(path), **metrics})
+      log.info("eval %s: %s", name, json.dumps(metrics))
+  finally:
+    builders.close_tools(tools)
+  records.write_json(os.path.join(out_dir, "results.json"), {"rows": rows})
+  cols = [c for c in FILE_COLUMNS if any(c in r for r in rows)] + sorted({k for r in rows for k in r
+                                                                         if k.startswith("maj@")})
+  table = [{"file": r["name"], **{c: _cell(c, r.get(c)) for c in cols}} for r in rows]
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(f"# Evaluation\n\nGreedy pass@1 with tool calls ({', '.join(config.tools.names) or 'no tools'}); "
+            "one row per question file.\n\n" + markdown_table(table))
+
+
+def _cell(key: str, value) -> str:
+  if value is None:
+    return "-"
+  if key in ("questions", "prompt_too_long"):
+    return str(int(value))
+  if key.endswith("rate") or key in ("pass@1", "hq_at_1") or key.startswith("maj@"):
+    return f"{100 * value:.1f}%"
+  return f"{value:.2f}"

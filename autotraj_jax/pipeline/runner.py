@@ -1,0 +1,153 @@
+"""Runs the stages a config lists, in order, over one work directory.
+
+A stage is a `Stage`: a function `(config, workdir[, variant]) -> None` plus what it depends on
+(config fields and input files). `config.stages` names the stages to run; `kind:variant` runs
+stage `kind` as `fn(config, workdir, variant)` (`sft:high_only`, `eval:rl_autotraj`).
+
+Each finished stage leaves a done-marker with the fingerprint of its dependencies. A rerun skips
+a stage whose fingerprint still matches, so a killed run continues where it stopped (long stages
+also resume inside themselves); a stage whose inputs changed is refused with a message naming
+what changed, and `config.redo` reruns it and every stage after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from autotraj_jax.pipeline.workdir import Workdir
+from autotraj_jax.tir.records import write_json
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[..., None]
+# (config, variant) -> dotted config keys / workdir-relative paths a stage depends on.
+DepsFn = Callable[[ml_collections.ConfigDict, str], Sequence[str]]
+
+
+class StaleStageError(RuntimeError):
+  """A finished stage whose inputs changed since it ran."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  fn: StageFn
+  reads: DepsFn = lambda config, variant: ()      # dotted config keys; file/dir values are hashed too
+  inputs: DepsFn = lambda config, variant: ()     # workdir-relative files or dirs it reads
+  outputs: DepsFn = lambda config, variant: ()    # workdir-relative paths `redo` removes
+  always: bool = False                            # cheap summaries: rerun every time
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node: Any = config
+  for part in key.split("."):
+    node = node[part]
+  return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def _digest(path: str) -> str:
+  """Content hash of a file; for a directory, a hash of its files' names and sizes."""
+  h = hashlib.sha256()
+  if os.path.isdir(path):
+    for root, dirs, files in sorted(os.walk(path)):
+      dirs.sort()
+      for name in sorted(files):
+        p = os.path.join(root, name)
+        h.update(f"{os.path.relpath(p, path)}:{os.path.getsize(p)};".encode())
+  else:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()[:16]
+
+
+def fingerprint(stage: Stage, config: ml_collections.ConfigDict, wd: Workdir, variant: str) -> dict[str, Any]:
+  """What a stage depended on: its config values (and the files they name) and its input files."""
+  values = {k: _get(config, k) for k in stage.reads(config, variant)}
+  files = {}
+  for v in values.values():
+    if isinstance(v, str) and v and os.path.exists(os.path.expanduser(v)):
+      files[v] = _digest(os.path.expanduser(v))
+  for rel in stage.inputs(config, variant):
+    p = os.path.join(wd.root, rel)
+    files[rel] = _digest(p) if os.path.exists(p) else None
+  return {"values": json.loads(json.dumps(values, default=str)), "files": files}
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  out = []
+  for k in sorted(set(old.get("values", {})) | set(new["values"])):
+    a, b = old.get("values", {}).get(k, "<unset>"), new["values"].get(k, "<unset>")
+    if a != b:
+      out.append(f"config field {k} changed ({a!r} -> {b!r})")
+  for k in sorted(set(old.get("files", {})) | set(new["files"])):
+    if old.get("files", {}).get(k) != new["files"].get(k):
+      out.append(f"input {k} changed")
+  return out
+
+
+@dataclasses.dataclass
+class StageResult:
+  name: str
+  status: str          # 'ran' | 'skipped (done)'
+  wall_s: float = 0.0
+
+
+def _remove(path: str) -> None:
+  import shutil
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  elif os.path.exists(path):
+    os.remove(path)
+
+
+def run_stages(config: ml_collections.ConfigDict, stages: Mapping[str, Stage]) -> tuple[Workdir, list[StageResult]]:
+  """Runs `config.stages` with the stage table `stages`; returns the workdir and what each did."""
+  unknown = [s for s in config.stages if s.split(":")[0] not in stages]
+  if unknown:
+    raise ValueError(f"config.stages: unknown stages {unknown}; known: {sorted(stages)}")
+  wd = Workdir(config.workdir)
+  order = list(config.stages)
+  redo = [s for s in config.redo]
+  for name in redo:
+    if name not in order:
+      raise ValueError(f"config.redo: {name!r} is not in config.stages {order}")
+  if redo:
+    first = min(order.index(s) for s in redo)
+    for name in order[first:]:
+      kind, _, variant = name.partition(":")
+      log.info("redo: forgetting stage %s and its outputs", name)
+      wd.undo(name)
+      for rel in stages[kind].outputs(config, variant):
+        _remove(os.path.join(wd.root, rel))
+  write_json(wd.path("config.json"), json.loads(config.to_json_best_effort()))
+  results = []
+  for name in order:
+    kind, _, variant = name.partition(":")
+    stage = stages[kind]
+    marker = wd.marker(name)
+    if marker is not None and not stage.always:
+      changed = _changes(marker.get("fingerprint", {}), fingerprint(stage, config, wd, variant))
+      if changed:
+        raise StaleStageError(f"stage {name} already ran with other inputs: {'; '.join(changed)}. Pass "
+                              f"--config.redo=\"('{name}',)\" to rerun it and the stages after it, or use a "
+                              "new workdir")
+      log.info("stage %s: already done, skipping", name)
+      results.append(StageResult(name, "skipped (done)"))
+      continue
+    log.info("stage %s: running", name)
+    fp = fingerprint(stage, config, wd, variant)
+    t0 = time.time()
+    stage.fn(config, wd, variant) if variant else stage.fn(config, wd)
+    wall = round(time.time() - t0, 2)
+    wd.mark_done(name, {"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "fingerprint": fp})
+    log.info("stage %s: done in %.1fs", name, wall)
+    results.append(StageResult(name, "ran", wall))
+  return wd, results
