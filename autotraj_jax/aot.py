@@ -196,6 +196,11 @@ def _grpo_loss(graphdef, chunked: bool):
   return loss_fn
 
 
+def _sds(shape, dtype, sharding):
+  import jax
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
 def build_stage(name: str, shape: StageShape, model_cfg, mesh) -> tuple[Callable, tuple, dict]:
   """(jitted fn, abstract args, lower kwargs) of one stage on `mesh`."""
   import jax
@@ -206,84 +211,102 @@ def build_stage(name: str, shape: StageShape, model_cfg, mesh) -> tuple[Callable
 
   from autotraj_jax import sharding as shd
   from autotraj_jax.models.build import abstract_model
-  from autotraj_jax.models.decoder import init_cache
-  from autotraj_jax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
-  from autotraj_jax.training.sft import make_sft_loss
-  from autotraj_jax.training.step import TrainState, make_train_step
 
-  kind = "scalar" if name == "rm" else "causal_lm"
-  graphdef, params = abstract_model(model_cfg, kind)
+  graphdef, params = abstract_model(model_cfg, "scalar" if name == "rm" else "causal_lm")
   param_sh = shd.param_shardings(params, mesh)
-  rep = NamedSharding(mesh, P())
-
-  def sds(shape_, dtype, sharding):
-    return jax.ShapeDtypeStruct(shape_, dtype, sharding=sharding)
-
-  abstract_params = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), params, param_sh)
-  m, n, L = shape.micro_batch, shape.num_micro, shape.seq
   if name in ("sft", "rm", "grpo"):
-    opt_cfg = OptimizerConfig()
-    optimizer = make_optimizer(opt_cfg)
-    opt_like = jax.eval_shape(optimizer.init, params)
-    state_sh = TrainState(rep, param_sh, shd.state_shardings(opt_like, params, mesh), rep)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_like,
-                       jax.eval_shape(lambda: jax.random.key(0)))
-    state = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), state, state_sh)
-    batch_sh = NamedSharding(mesh, P(None, shd.BATCH_AXES))
-    i32, f32 = jnp.int32, jnp.float32
-    if name == "sft":
-      loss_fn = make_sft_loss(graphdef)
-      batch = {k: (n, m, L) for k in ("tokens", "valid", "loss_mask")}
-    elif name == "rm":
-      loss_fn = _rm_loss(graphdef)
-      batch = {"tokens": (n, m, 2, L), "valid": (n, m, 2, L), "last": (n, m, 2), "margin": (n, m)}
-    else:
-      loss_fn = _grpo_loss(graphdef, bool(model_cfg.logits_chunk))
-      batch = {**{k: (n, m, L) for k in ("tokens", "valid", "loss_mask")},
-               **{k: (n, m, L - 1) for k in ("adv", "old_logp", "ref_logp")}}
-    batch = {k: sds(s, f32 if k in ("margin", "adv", "old_logp", "ref_logp") else i32, batch_sh)
-             for k, s in batch.items()}
-    step = make_train_step(loss_fn, optimizer, make_schedule(opt_cfg))
-    fn = jax.jit(step, donate_argnums=(0,), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
-    return fn, (state, batch), {}
-
+    return _train_stage(name, shape, model_cfg, mesh, graphdef, params, param_sh)
+  abstract_params = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), params, param_sh)
   data_sh = NamedSharding(mesh, P(shd.BATCH_AXES))
   if name == "ref":
     def ref_fn(p, batch):
       logp, _ = _forward_stats(nnx.merge(graphdef, p), batch, entropy=False)
       return logp
-    batch = {k: sds((m, L), jnp.int32, data_sh) for k in ("tokens", "valid")}
+    batch = {k: _sds((shape.micro_batch, shape.seq), jnp.int32, data_sh) for k in ("tokens", "valid")}
     return jax.jit(ref_fn, in_shardings=(param_sh, data_sh)), (abstract_params, batch), {}
-
   if name == "engine":
-    # The engine's two jitted pieces: prefill into a fresh cache, one decode step over it.
-    S, cache_sh = shape.cache_len, NamedSharding(mesh, P(shd.BATCH_AXES, None, None, None))
-
-    def prefill_fn(p, tokens, valid):
-      model = nnx.merge(graphdef, p)
-      cache = init_cache(model_cfg, tokens.shape[0], S)
-      cache = [type(c)(*(jax.lax.with_sharding_constraint(a, cache_sh) for a in c)) for c in cache]
-      positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
-      slot_valid = jnp.zeros((tokens.shape[0], S), bool).at[:, :L].set(valid.astype(bool))
-      mask = slot_valid[:, None, :] & (jnp.arange(S)[None, :] <= jnp.arange(L)[:, None])[None]
-      logits, cache = model(tokens, positions, mask, cache, 0)
-      return logits[:, -1], cache
-
-    def decode_fn(p, cache, tok, pos, slot_valid, slot):
-      model = nnx.merge(graphdef, p)
-      logits, cache = model(tok[:, None], pos[:, None], slot_valid[:, None, :], cache, slot)
-      return logits[:, 0], cache
-
-    kv = (m, model_cfg.num_kv_heads, S, model_cfg.head_dim)
-    cache = [type(c)(*(sds(kv, model_cfg.jnp_dtype, cache_sh) for _ in c))
-             for c in jax.eval_shape(lambda: init_cache(model_cfg, 1, 1))]
-    prefill = jax.jit(prefill_fn, in_shardings=(param_sh, data_sh, data_sh))
-    decode = jax.jit(decode_fn, donate_argnums=(1,))
-    prefill_args = (abstract_params, sds((m, L), jnp.int32, data_sh), sds((m, L), jnp.int32, data_sh))
-    decode_args = (abstract_params, cache, sds((m,), jnp.int32, data_sh), sds((m,), jnp.int32, data_sh),
-                   sds((m, S), jnp.bool_, data_sh), jax.ShapeDtypeStruct((), jnp.int32))
-    return (prefill, decode), (prefill_args, decode_args), {}
+    return _engine_stage(shape, model_cfg, mesh, graphdef, abstract_params, param_sh)
   raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+
+
+def _train_stage(name: str, shape: StageShape, model_cfg, mesh, graphdef, params, param_sh):
+  """The sharded train step of SFT, the RM or the GRPO update, on abstract state and batch."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from autotraj_jax import sharding as shd
+  from autotraj_jax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
+  from autotraj_jax.training.sft import make_sft_loss
+  from autotraj_jax.training.step import TrainState, make_train_step
+
+  rep = NamedSharding(mesh, P())
+  m, n, L = shape.micro_batch, shape.num_micro, shape.seq
+  opt_cfg = OptimizerConfig()
+  optimizer = make_optimizer(opt_cfg)
+  opt_like = jax.eval_shape(optimizer.init, params)
+  state_sh = TrainState(rep, param_sh, shd.state_shardings(opt_like, params, mesh), rep)
+  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_like,
+                     jax.eval_shape(lambda: jax.random.key(0)))
+  state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), state, state_sh)
+  batch_sh = NamedSharding(mesh, P(None, shd.BATCH_AXES))
+  if name == "sft":
+    loss_fn = make_sft_loss(graphdef)
+    batch = {k: (n, m, L) for k in ("tokens", "valid", "loss_mask")}
+  elif name == "rm":
+    loss_fn = _rm_loss(graphdef)
+    batch = {"tokens": (n, m, 2, L), "valid": (n, m, 2, L), "last": (n, m, 2), "margin": (n, m)}
+  else:
+    loss_fn = _grpo_loss(graphdef, bool(model_cfg.logits_chunk))
+    batch = {**{k: (n, m, L) for k in ("tokens", "valid", "loss_mask")},
+             **{k: (n, m, L - 1) for k in ("adv", "old_logp", "ref_logp")}}
+  batch = {k: _sds(s, jnp.float32 if k in ("margin", "adv", "old_logp", "ref_logp") else jnp.int32, batch_sh)
+           for k, s in batch.items()}
+  step = make_train_step(loss_fn, optimizer, make_schedule(opt_cfg))
+  fn = jax.jit(step, donate_argnums=(0,), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+  return fn, (state, batch), {}
+
+
+def _engine_stage(shape: StageShape, model_cfg, mesh, graphdef, abstract_params, param_sh):
+  """The engine's two jitted pieces: prefill into a fresh cache, one decode step over it."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from autotraj_jax import sharding as shd
+  from autotraj_jax.models.decoder import init_cache
+
+  m, L = shape.micro_batch, shape.seq
+  data_sh = NamedSharding(mesh, P(shd.BATCH_AXES))
+  S, cache_sh = shape.cache_len, NamedSharding(mesh, P(shd.BATCH_AXES, None, None, None))
+
+  def prefill_fn(p, tokens, valid):
+    model = nnx.merge(graphdef, p)
+    cache = init_cache(model_cfg, tokens.shape[0], S)
+    cache = [type(c)(*(jax.lax.with_sharding_constraint(a, cache_sh) for a in c)) for c in cache]
+    positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+    slot_valid = jnp.zeros((tokens.shape[0], S), bool).at[:, :L].set(valid.astype(bool))
+    mask = slot_valid[:, None, :] & (jnp.arange(S)[None, :] <= jnp.arange(L)[:, None])[None]
+    logits, cache = model(tokens, positions, mask, cache, 0)
+    return logits[:, -1], cache
+
+  def decode_fn(p, cache, tok, pos, slot_valid, slot):
+    model = nnx.merge(graphdef, p)
+    logits, cache = model(tok[:, None], pos[:, None], slot_valid[:, None, :], cache, slot)
+    return logits[:, 0], cache
+
+  kv = (m, model_cfg.num_kv_heads, S, model_cfg.head_dim)
+  cache = [type(c)(*(_sds(kv, model_cfg.jnp_dtype, cache_sh) for _ in c))
+           for c in jax.eval_shape(lambda: init_cache(model_cfg, 1, 1))]
+  prefill = jax.jit(prefill_fn, in_shardings=(param_sh, data_sh, data_sh))
+  decode = jax.jit(decode_fn, donate_argnums=(1,))
+  prefill_args = (abstract_params, _sds((m, L), jnp.int32, data_sh), _sds((m, L), jnp.int32, data_sh))
+  decode_args = (abstract_params, cache, _sds((m,), jnp.int32, data_sh), _sds((m,), jnp.int32, data_sh),
+                 _sds((m, S), jnp.bool_, data_sh), jax.ShapeDtypeStruct((), jnp.int32))
+  return (prefill, decode), (prefill_args, decode_args), {}
 
 
 @dataclasses.dataclass(frozen=True)

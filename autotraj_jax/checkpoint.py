@@ -43,7 +43,8 @@ class Restored:
 
 
 def _on_first_device(tree: Any) -> Any:
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  """This process's first device (in a multi-host run, each process gets its own copy)."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda _: sharding, tree)
 
 
@@ -90,10 +91,11 @@ class Checkpointer:
 
   def restore(self, step: int | None = None, *, params_like: Any, param_shardings: Any = None,
               opt_state_like: Any = None, opt_shardings: Any = None, rng: bool = False,
-              data_iter: Any = None) -> Restored:
+              rng_sharding: Any = None, data_iter: Any = None) -> Restored:
     """Restore `step` (default latest). `*_like` trees give shapes/dtypes (arrays or
-    ShapeDtypeStructs); shardings default to a single device. The data iterator, if
-    given, is restored in place."""
+    ShapeDtypeStructs); shardings default to this process's first device. Every item is restored
+    onto a given layout, so a checkpoint of one process count or mesh restores onto any other. The
+    data iterator, if given, is restored in place."""
     step = self._resolve(step)
     present = set(self._items(step))
     items = {"meta": ocp.args.JsonRestore()}
@@ -105,7 +107,9 @@ class Checkpointer:
       items["opt_state"] = ocp.args.StandardRestore(
           _tree_to_abstract(opt_state_like, opt_shardings or _on_first_device(opt_state_like)))
     if rng and "rng" in present:
-      items["rng"] = ocp.args.StandardRestore()
+      key_like = {"key": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+      items["rng"] = ocp.args.StandardRestore(
+          _tree_to_abstract(key_like, {"key": rng_sharding} if rng_sharding else _on_first_device(key_like)))
     foreign_state = None
     if data_iter is not None:
       if "data" not in present:

@@ -48,7 +48,7 @@ def trajectory_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
       "tool_error_rate": sum(not c.ok for c in calls) / max(len(calls), 1),
       "mean_response_tokens": sum(len(t.response_ids) for t in trajs) / n,
       "mean_model_tokens": sum(t.num_model_tokens for t in trajs) / n,
-      "prompt_too_long": float(sum(t.finish_reason == PROMPT_TOO_LONG for t in trajs)),
+      "prompt_too_long": sum(t.finish_reason == PROMPT_TOO_LONG for t in trajs),
   }
 
 
@@ -59,7 +59,7 @@ def evaluate(backend, tokenizer, tools: Mapping[str, Tool], queries: Sequence[Qu
   correct = [t.finish_reason != PROMPT_TOO_LONG and is_equivalent(t.gold, t.answer, t.domain) for t in trajs]
   for t, ok in zip(trajs, correct):
     t.scores = {"correct": float(ok)}
-  metrics = {"questions": float(len(queries)), "pass@1": sum(correct) / max(len(correct), 1),
+  metrics = {"questions": len(queries), "pass@1": sum(correct) / max(len(correct), 1),
              **trajectory_stats(trajs)}
   if cfg.maj_k > 1:
     sampled = dataclasses.replace(cfg.rollout, sampling=dataclasses.replace(

@@ -144,8 +144,8 @@ def main():
       bound = bw / weight_bytes
       engine = JaxEngine(graphdef, params, cfg, tokenizer,
                          config=EngineConfig(new_token_buckets=(args.new_tokens,), chunk_steps=args.new_tokens))
-      make_reqs = lambda b: requests(b, args.prompt_len, args.new_tokens, min(cfg.vocab_size, len(tokenizer)),
-                                     args.top_p)
+      vocab = min(cfg.vocab_size, len(tokenizer))
+      make_reqs = lambda b, vocab=vocab: requests(b, args.prompt_len, args.new_tokens, vocab, args.top_p)
       results = {}
       if args.turns:
         # The same engine without a prefix cache: every turn prefills the whole context.

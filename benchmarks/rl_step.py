@@ -120,6 +120,7 @@ class GRPOBench:
     qs = self.queries[k * self.P:(k + 1) * self.P]
     sampling = dataclasses.replace(self.rollout_cfg.sampling, seed=a.seed * 1_000_003 + k)
     compiles = self.engine.num_compiles
+    self.engine.reset_stats()
     t0 = time.perf_counter()
     trajs = run_rollouts(self.engine, self.tokenizer, qs, self.tools,
                          dataclasses.replace(self.rollout_cfg, sampling=sampling),
@@ -145,6 +146,8 @@ class GRPOBench:
     out.update(rollout=t1 - t0, reward=t2 - t1, logprob=t3 - t2, update=t4 - t3)
     out["gen_tokens"] = float(sum(t.num_model_tokens for t in trajs))
     out["valid_tokens"] = float(batch["valid"].sum())
+    out["padding"] = 1.0 - out["valid_tokens"] / batch["valid"].size
+    out["prefill_ratio"] = float(self.engine.prefill_ratio)
     out["truncated"] = float(sum(len(t.prompt_ids) + len(t.response_ids) > a.seq for t in trajs))
     out["tool_calls"] = float(sum(len(t.tool_calls) for t in trajs))
     out["reward_mean"] = float(np.mean(rewards))
@@ -273,6 +276,10 @@ def bench_rl(args, cfg, graphdef, params, tokenizer, tmp: str) -> list[tuple[str
                f"mean reward {mean['reward_mean']:.3f}"))
   rows.append(("update train tok/s", f"{B * args.seq / mean['update']:.1f}",
                f"{B} x {args.seq} positions/step ({mean['valid_tokens']:.0f} real tokens)"))
+  # Exactly these two lines: padding tokens / all tokens of the update batch, and prefill tokens
+  # computed / context tokens seen by the engine over the step's rollout (the prefix cache's saving).
+  print(f"padding fraction: {mean['padding']:.2f}")
+  print(f"prefill/context: {mean['prefill_ratio']:.2f}")
   return rows
 
 

@@ -34,26 +34,31 @@ class UsageError(Exception):
   """A command-line mistake: reported in one line, exit status 2."""
 
 
-def _first_doc_line(path: str) -> str:
+def _config_summary(path: str) -> str | None:
+  """The first docstring line of a config file, or None for a shared module without get_config()."""
   import ast
   with open(path) as f:
-    doc = ast.get_docstring(ast.parse(f.read())) or ""
-  return doc.strip().splitlines()[0] if doc.strip() else ""
+    tree = ast.parse(f.read())
+  if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+    return None
+  doc = (ast.get_docstring(tree) or "").strip()
+  return doc.splitlines()[0] if doc else ""
 
 
 def stage_table() -> dict:
   """Every stage by name: stage 1 (data_gen) and the library's (demo, stage 2, eval, results)."""
   from autotraj_jax.pipeline.stages import STAGES as LIBRARY
   from data_gen.stages import STAGES as STAGE1
-  return {**LIBRARY, **STAGE1}
+  first = ("world", "tokenizer", "warmstart")  # where the policy comes from, then stage 1, then stage 2
+  return {**{k: LIBRARY[k] for k in first}, **STAGE1, **{k: v for k, v in LIBRARY.items() if k not in first}}
 
 
 def help_text() -> str:
   lines = [USAGE, "configs (experiments/configs/):"]
   for path in sorted(glob.glob(os.path.join(CONFIGS, "*.py"))):
-    name = os.path.basename(path)
-    if name != "common.py":
-      lines.append(f"  {name:<22} {_first_doc_line(path)}")
+    summary = _config_summary(path)
+    if summary is not None:
+      lines.append(f"  {os.path.basename(path):<22} {summary}")
   lines += ["", "stages (config.stages; 'kind:variant' applies config.<kind>_variants[variant]):"]
   for name, stage in stage_table().items():
     doc = (stage.fn.__doc__ or "").strip().splitlines()
@@ -107,7 +112,8 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]], *, show: bool =
 def run(config) -> None:
   import jax
   if config.distributed:  # before anything touches a device
-    jax.distributed.initialize()
+    from autotraj_jax import distributed
+    distributed.initialize()
   if config.compilation_cache_dir:  # reruns and later stages reuse compiled buckets
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

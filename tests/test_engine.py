@@ -148,7 +148,8 @@ def test_compiles_once_per_bucket(hf_model, demo_tokenizer):
   for i in range(6):
     n = int(rng.integers(1, 5))
     reqs = [GenerationRequest(rng.integers(3, 2000, int(rng.integers(1, 30))).tolist(),
-                              SamplingParams(temperature=float(rng.choice([0.0, 1.0])), max_new_tokens=int(rng.integers(1, 32)), seed=i),
+                              SamplingParams(temperature=float(rng.choice([0.0, 1.0])),
+                                             max_new_tokens=int(rng.integers(1, 32)), seed=i),
                               stop=("</code>",) if i % 2 else ())
             for _ in range(n)]
     outs = eng.generate(reqs)

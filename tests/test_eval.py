@@ -53,3 +53,10 @@ def test_prompt_too_long_is_a_counted_failure_not_an_abort(demo_tokenizer, tmp_p
   assert metrics["prompt_too_long"] == 1 and metrics["questions"] == 2
   assert metrics["pass@1"] == 0.5 and metrics["maj@2"] == 0.5
   assert [t.finish_reason for t in trajs] == ["answer", "prompt_too_long"] and trajs[1].scores == {"correct": 0.0}
+
+
+def test_report_prints_counts_as_integers(tmp_path):
+  from autotraj_jax.eval import write_report
+  write_report(str(tmp_path), "base", {"questions": 200, "pass@1": 0.255, "prompt_too_long": 0})
+  md = (tmp_path / "base.md").read_text()
+  assert "| base | 200 | 0.255 | 0 |" in md and "200.000" not in md

@@ -1,7 +1,8 @@
 """Multi-host training on one machine: SFT in 2 processes on localhost (jax.distributed on the CPU
 backend, 2 fake devices each) must make the run 1 process on 4 fake devices makes: the same losses,
 the same final params, with plain and length-grouped batches, gradient accumulation and a resume
-from a checkpoint both processes wrote. Metrics and the progress bar come from process 0 only.
+from a checkpoint both processes wrote (by 2 new processes, and by 1). Metrics and the progress
+bar come from process 0 only.
 
 The file is also the worker: `python tests/test_multiprocess.py SPEC_JSON` runs the jobs of SPEC in
 one process (joining a multi-process run when JAX_NUM_PROCESSES is set).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -30,11 +32,12 @@ CUT = 2  # the grouped 2-process run stops here and resumes in new processes
 # ---- the worker --------------------------------------------------------------------------------
 
 def make_examples(n: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
-  """Sequences of 4..30 tokens, so batches fall into both buckets (16, 32)."""
+  """Mostly short sequences (4..16 tokens) and a few long ones (17..30): batches of both buckets
+  (16, 32), and batches where one host's rows are all short and the other's are not."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
-    length = int(rng.integers(4, 31))
+    length = int(rng.integers(17, 31) if rng.random() < 0.2 else rng.integers(4, 17))
     out.append({"tokens": rng.integers(1, vocab, length).tolist(),
                 "loss_mask": [0] * 2 + rng.integers(0, 2, length - 2).tolist()})
   return out
@@ -86,42 +89,46 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(spec: dict[str, Any], *, processes: int, devices_per_process: int, logdir: str, tag: str
-           ) -> list[subprocess.Popen]:
-  """Starts the worker `processes` times; stderr (progress bars) goes to `<logdir>/<tag>.<pid>.err`."""
+Proc = tuple[subprocess.Popen, str]  # a worker and the file of its stderr
+
+
+def launch(spec: dict[str, Any], *, processes: int, devices_per_process: int, logdir: str, tag: str) -> list[Proc]:
+  """Starts the worker `processes` times; stdout and stderr (progress bars) go to `<logdir>/<tag>.<pid>.*`."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
          # Unoptimised CPU code compiles in half the time; both runs use it, so they still compare.
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} --xla_backend_optimization_level=0"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} "
+                      "--xla_backend_optimization_level=0"}
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(processes))
   procs = []
   for pid in range(processes):
-    err = open(os.path.join(logdir, f"{tag}.{pid}.err"), "w")
-    out = open(os.path.join(logdir, f"{tag}.{pid}.out"), "w")
-    procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)], cwd=ROOT,
-                                  env={**env, "JAX_PROCESS_ID": str(pid)}, stdout=out, stderr=err))
+    err = os.path.join(logdir, f"{tag}.{pid}.err")
+    with open(err, "w") as e, open(os.path.join(logdir, f"{tag}.{pid}.out"), "w") as o:
+      p = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)], cwd=ROOT,
+                           env={**env, "JAX_PROCESS_ID": str(pid)}, stdout=o, stderr=e)
+    procs.append((p, err))
   return procs
 
 
-def finish(procs: list[subprocess.Popen], logdir: str, tag: str, deadline: float) -> None:
+def finish(procs: list[Proc], deadline: float) -> None:
   """Waits for every process until `deadline`; kills them all and fails (with their stderr) otherwise."""
   try:
-    for p in procs:
+    for p, _ in procs:
       p.wait(timeout=max(1.0, deadline - time.monotonic()))
   except subprocess.TimeoutExpired:
     pass
-  failed = [i for i, p in enumerate(procs) if p.poll() != 0]
-  for p in procs:
+  for p, _ in procs:
     if p.poll() is None:
       p.kill()
       p.wait()
-  if failed:
-    tails = []
-    for i in failed:
-      with open(os.path.join(logdir, f"{tag}.{i}.err")) as f:
-        tails.append(f"--- {tag} process {i} (exit {procs[i].returncode}):\n" + f.read()[-3000:])
+  tails = []
+  for p, err in procs:
+    if p.returncode != 0:
+      with open(err) as f:
+        tails.append(f"--- {os.path.basename(err)} (exit {p.returncode}):\n" + f.read()[-3000:])
+  if tails:
     pytest.fail("\n".join(tails))
 
 
@@ -143,11 +150,15 @@ def runs(tmp_path_factory) -> dict[str, Any]:
   deadline = time.monotonic() + GROUP_TIMEOUT_S
   ref_procs = launch(ref, processes=1, devices_per_process=4, logdir=root, tag="ref")
   mp_procs = launch(first, processes=2, devices_per_process=2, logdir=root, tag="mp1")
-  finish(mp_procs, root, "mp1", deadline)
+  finish(mp_procs, deadline)
   cut_steps = sorted(int(d) for d in os.listdir(os.path.join(root, "mp", "grouped", "checkpoints")) if d.isdigit())
+  # The same checkpoint resumed by 2 new processes, and (a copy) by 1 process on 4 devices.
+  shutil.copytree(os.path.join(root, "mp", "grouped"), os.path.join(root, "elastic", "grouped"))
   resumed = {"cache": cache, "jobs": [job("mp", "grouped", STEPS)]}
+  elastic = {"cache": cache, "jobs": [job("elastic", "grouped", STEPS)]}
   mp2 = launch(resumed, processes=2, devices_per_process=2, logdir=root, tag="mp2")
-  finish(mp2 + ref_procs, root, "mp2", time.monotonic() + GROUP_TIMEOUT_S)
+  one = launch(elastic, processes=1, devices_per_process=4, logdir=root, tag="elastic")
+  finish(mp2 + one + ref_procs, time.monotonic() + GROUP_TIMEOUT_S)
   return {"root": root, "cut_steps": cut_steps, "seconds": time.monotonic() - t0}
 
 
@@ -198,6 +209,18 @@ def test_two_processes_train_like_one(runs, name):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
+def test_a_checkpoint_of_2_processes_resumes_on_1(runs):
+  root = runs["root"]
+  ref = raw_records(os.path.join(root, "ref", "grouped"))
+  elastic = raw_records(os.path.join(root, "elastic", "grouped"))
+  assert [r["step"] for r in elastic] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([r["loss"] for r in elastic], [r["loss"] for r in ref], rtol=1e-6, atol=0)
+  a, b = load_params(os.path.join(root, "ref-grouped.npz")), load_params(os.path.join(root, "elastic-grouped.npz"))
+  assert len(a) == len(b) > 0
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
 def test_each_process_loads_only_the_rows_its_devices_hold(runs):
   root = runs["root"]
   rows = [json.load(open(os.path.join(root, f"mp-plain.rows{p}.json"))) for p in (0, 1)]
@@ -235,6 +258,27 @@ def test_runtime_is_bounded(runs):
 
 
 # ---- in-process pieces -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_data_needs_hosts_to_agree_on_a_bucket(grouped):
+  """The runs above check bucket agreement only if, within their steps, some global batch is padded
+  to 32 while one host's own rows would have fitted 16 (and each host pads to the global bucket)."""
+  from autotraj_jax.training import data as data_lib
+  data = make_examples(40, 512)
+  kw = {"batch_size": 8, "buckets": (16, 32), "seed": 7, "group_by_length": grouped}
+  whole = iter(data_lib.batch_dataset(data, **kw))
+  hosts = [iter(data_lib.batch_dataset(data, rows=r, **kw)) for r in ([0, 1, 4, 5], [2, 3, 6, 7])]
+  lengths, own = [], []
+  for _ in range(STEPS):
+    lengths.append(next(whole)["tokens"].shape[1])
+    for it in hosts:
+      batch = next(it)
+      assert batch["tokens"].shape[1] == lengths[-1]
+      own.append(data_lib.pick_bucket(int(batch["valid"].sum(1).max()), (16, 32)))
+  assert set(lengths) == {16, 32}  # both compiled step shapes are used
+  if not grouped:  # (grouped batches are alike in length: there the hosts agree anyway)
+    assert any(o < lengths[k // 2] for k, o in enumerate(own))
+
 
 def test_init_args_from_the_environment():
   from autotraj_jax.distributed import init_args

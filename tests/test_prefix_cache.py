@@ -4,16 +4,15 @@ without it, while the model computes only each turn's new tokens."""
 import jax
 import numpy as np
 import pytest
+from scripted_backend import ScriptedBackend
+from test_rollout import EchoTool, _setup
+from test_sglang_backend import _peaked
 
 from autotraj_jax.engine import EngineConfig, GenerationRequest, JaxEngine, SamplingParams
 from autotraj_jax.engine.prefix_cache import PrefixIndex
 from autotraj_jax.models import get_preset, init_model
 from autotraj_jax.sharding import path_str
 from autotraj_jax.tir.rollout import Query, RolloutConfig, run_rollouts
-
-from scripted_backend import ScriptedBackend
-from test_rollout import EchoTool, _setup
-from test_sglang_backend import _peaked
 
 QUESTIONS = ["What is 6*7?", "Name the capital of Norway.", "Sum the numbers 1 to 10."]
 

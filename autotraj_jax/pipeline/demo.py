@@ -110,8 +110,9 @@ def warmstart_stage(config, wd: Workdir) -> None:
 
 
 def export_policy_stage(config, wd: Workdir) -> None:
-  """The warm-started policy as an HF directory (bf16 safetensors + tokenizer) at `config.export_dir`:
-  how `assets/demo_policy` is made."""
+  """The warm-started policy as an HF directory (bf16 safetensors + tokenizer) at export_dir.
+
+  This is how `assets/demo_policy` is made."""
   from autotraj_jax.checkpoint import load_model
   from autotraj_jax.models.hf import save_hf
   cfg, kind, params = load_model(wd.path("policy", "checkpoints"))

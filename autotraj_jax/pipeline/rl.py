@@ -181,6 +181,7 @@ def rl_step(run: RLRun, step: int) -> dict[str, float]:
 
 
 def rl_stage(config, wd: Workdir, variant: str) -> None:
+  """GRPO / Dr. GRPO / RLOO / PPO from the SFT policy with real tool calls (rl:VARIANT), into rl_VARIANT/."""
   from tqdm.auto import tqdm
 
   from autotraj_jax.metrics import MetricWriter
@@ -199,7 +200,8 @@ def rl_stage(config, wd: Workdir, variant: str) -> None:
     run.hand_weights()
     begin = start or 0
     writer = MetricWriter(wd.path(name, "logs"), start_step=begin)
-    bar = tqdm(total=node.steps, initial=begin, desc=f"rl:{variant}", dynamic_ncols=True)
+    bar = tqdm(total=node.steps, initial=begin, desc=f"rl:{variant}", unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
     for step in range(begin, node.steps):
       metrics = rl_step(run, step)
       writer.write(step + 1, metrics)

@@ -108,6 +108,19 @@ def _remove(path: str) -> None:
     os.remove(path)
 
 
+def _is_main() -> bool:
+  import jax
+  return jax.process_index() == 0
+
+
+def _sync(tag: str) -> None:
+  """A barrier across hosts (nothing on one host)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(tag)
+
+
 def run_stages(config: ml_collections.ConfigDict, stages: Mapping[str, Stage]) -> tuple[Workdir, list[StageResult]]:
   """Runs `config.stages` with the stage table `stages`; returns the workdir and what each did."""
   unknown = [s for s in config.stages if s.split(":")[0] not in stages]
@@ -126,8 +139,11 @@ def run_stages(config: ml_collections.ConfigDict, stages: Mapping[str, Stage]) -
       log.info("redo: forgetting stage %s and its outputs", name)
       wd.undo(name)
       for rel in stages[kind].outputs(config, variant):
-        _remove(os.path.join(wd.root, rel))
-  write_json(wd.path("config.json"), json.loads(config.to_json_best_effort()))
+        if _is_main():
+          _remove(os.path.join(wd.root, rel))
+    _sync("redo")
+  if _is_main():
+    write_json(wd.path("config.json"), json.loads(config.to_json_best_effort()))
   results = []
   for name in order:
     kind, _, variant = name.partition(":")
@@ -147,7 +163,9 @@ def run_stages(config: ml_collections.ConfigDict, stages: Mapping[str, Stage]) -
     t0 = time.time()
     stage.fn(config, wd, variant) if variant else stage.fn(config, wd)
     wall = round(time.time() - t0, 2)
-    wd.mark_done(name, {"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "fingerprint": fp})
+    if _is_main():
+      wd.mark_done(name, {"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "fingerprint": fp})
+    _sync(f"stage {name}")  # no host reads a half-written marker
     log.info("stage %s: done in %.1fs", name, wall)
     results.append(StageResult(name, "ran", wall))
   return wd, results

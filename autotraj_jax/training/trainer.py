@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from autotraj_jax import sharding as shd
@@ -56,9 +57,8 @@ class TrainConfig:
 
 def host_rows(sharding: jax.sharding.Sharding, batch_size: int, num_micro: int) -> list[int]:
   """Positions in each global batch [B] that this process's devices hold, in the order of its host
-  batch: `split_micro` makes it [num_micro, B / num_micro] and micro-batch m's rows on this process are
-  the `[m, lo:hi]` slices of the [num_micro, B / num_micro] batch sharding (several slices, in order,
-  where the mesh is laid out so)."""
+  batch: for each micro-batch m (`split_micro`), the process's slices of the [num_micro, B / num_micro]
+  batch sharding, in order (one slice usually, several where the mesh lays devices out so)."""
   micro = batch_size // num_micro
   held: set[int] = set()
   for index in sharding.addressable_devices_indices_map((num_micro, micro)).values():
@@ -135,7 +135,7 @@ class Trainer:
     abstract = jax.eval_shape(lambda p: init_state(p, self.optimizer, self.cfg.seed), self._init_params)
     r = self.ckpt.restore(step, params_like=abstract.params, param_shardings=self.state_shardings.params,
                           opt_state_like=abstract.opt_state, opt_shardings=self.state_shardings.opt_state,
-                          rng=True, data_iter=data_iter)
+                          rng=True, rng_sharding=self.state_shardings.rng, data_iter=data_iter)
     rep = self.state_shardings.step
     count = int(r.meta.get("train_step", r.step))
     state = TrainState(jax.device_put(np.int32(count), rep), r.params, r.opt_state, jax.device_put(r.rng, rep))
