@@ -55,22 +55,25 @@ def sample_by_quality(trajs: Sequence[Trajectory], cap: int, seed: int) -> dict[
 
 
 def plot_scores(scores: Mapping[str, Sequence[float]], path: str) -> None:
-  """Overlaid density histograms of the RM score per candidate quality."""
+  """Score densities per candidate quality (the stage-1 report's colours), on held-out questions."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   values = [v for vs in scores.values() for v in vs]
-  fig, ax = plt.subplots(figsize=(5, 3.2))
+  fig, ax = plt.subplots(figsize=(5.6, 3.4))
   if values:
     edges = np.histogram_bin_edges(values, bins=30)
-    for q in QUALITIES:
+    for q, color in zip(QUALITIES, ("C2", "C1", "C3")):
       if scores.get(q):
-        ax.hist(scores[q], bins=edges, density=True, alpha=0.5, label=f"{q} (n={len(scores[q])})")
-    ax.legend()
-  ax.set_title("reward-model score by candidate quality")
-  ax.set_xlabel("score")
+        ax.hist(scores[q], bins=edges, density=True, alpha=0.55, color=color,
+                label=f"{q} (n={len(scores[q])}, mean {np.mean(scores[q]):.2f})")
+    ax.legend(fontsize=8)
+  ax.set_title("reward-model score of held-out candidates, by quality", fontsize=10)
+  ax.set_xlabel("RM score (logit)")
+  ax.set_ylabel("density within the class")
+  ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  fig.savefig(path, dpi=90)
   plt.close(fig)
 
 
