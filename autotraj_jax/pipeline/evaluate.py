@@ -43,27 +43,41 @@ def quality_metrics(trajs: Sequence[Trajectory], cfg: scoring.ScoringConfig) -> 
           "model_tokens_per_correct": sum(t.num_model_tokens for t in correct) / max(len(correct), 1)}
 
 
-def eval_stage(config, wd: Workdir, variant: str = "") -> None:
-  """Greedy pass@1 (and maj@k) with tool use of a model on the test split (eval:NAME: the model NAME)."""
-  from autotraj_jax.eval import EvalConfig, evaluate, write_report
-  node = config.eval
-  queries = builders.load_split(config, wd, node.split, node.max_questions)
-  name = variant or node.name
+def _open_model(config, wd: Workdir, variant: str):
+  """(tokenizer, backend, tools) of eval's model (`variant`: one trained in this workdir, '' or
+  'base': the policy), or None when that model was recorded as not trained."""
   model = None if not variant or variant == "base" else variant
   if model and (reason := wd.skipped(model)):
-    log.warning("eval %s: skipped, the model was not trained (%s)", name, reason)
-    return
+    log.warning("eval %s: skipped, the model was not trained (%s)", model, reason)
+    return None
   tokenizer, backend = builders.make_backend(config, wd, "policy", model=model)
-  tools = builders.make_tools(config, wd)
-  try:
-    metrics, trajs = evaluate(backend, tokenizer, tools, queries,
-                              EvalConfig(rollout=builders.rollout_config(node, config.seed), maj_k=node.maj_k,
-                                         seed=config.seed), progress=f"eval:{name}")
-  finally:
-    builders.close_tools(tools)
+  return tokenizer, backend, builders.make_tools(config, wd)
+
+
+def _evaluate(config, model, queries, out_dir: str, name: str) -> dict[str, float]:
+  """Greedy pass@1 (+ maj@k) and quality metrics of `queries`, written under `out_dir` as `name`."""
+  from autotraj_jax.eval import EvalConfig, evaluate, write_report
+  tokenizer, backend, tools = model
+  node = config.eval
+  metrics, trajs = evaluate(backend, tokenizer, tools, queries,
+                            EvalConfig(rollout=builders.rollout_config(node, config.seed), maj_k=node.maj_k,
+                                       seed=config.seed), progress=f"eval:{name}")
   metrics.update(quality_metrics(trajs, builders.scoring_config(config)))
-  write_report(wd.path("eval"), name, metrics, trajs)
+  write_report(out_dir, name, metrics, trajs)
   log.info("eval %s: %s", name, json.dumps(metrics))
+  return metrics
+
+
+def eval_stage(config, wd: Workdir, variant: str = "") -> None:
+  """Greedy pass@1 (and maj@k) with tool use of a model on the test split (eval:NAME: the model NAME)."""
+  queries = builders.load_split(config, wd, config.eval.split, config.eval.max_questions)
+  model = _open_model(config, wd, variant)
+  if model is None:
+    return
+  try:
+    _evaluate(config, model, queries, os.path.join(wd.root, "eval"), variant or config.eval.name)
+  finally:
+    builders.close_tools(model[2])
 
 
 FILE_COLUMNS = ("questions", "pass@1", "hq_at_1", "format_error_rate", "tool_calls_per_question",
@@ -78,7 +92,7 @@ def file_name(path: str) -> str:
 
 def eval_files_stage(config, wd: Workdir, variant: str = "") -> None:
   """One results table over the question files of eval.files (eval_files:NAME: the model NAME)."""
-  from autotraj_jax.eval import EvalConfig, evaluate, markdown_table, write_report
+  from autotraj_jax.eval import markdown_table
   from autotraj_jax.questions import load_questions
   from autotraj_jax.tir.answers import QA_DOMAINS
   node = config.eval
@@ -91,26 +105,16 @@ def eval_files_stage(config, wd: Workdir, variant: str = "") -> None:
   if "search" not in config.tools.names and any(q.domain in QA_DOMAINS for qs in questions.values() for q in qs):
     log.warning("eval_files: knowledge questions but no search tool; add 'search' to tools.names with "
                 "tools.search_url (a retrieval server) or tools.corpus (a JSONL corpus)")
-  model = None if not variant or variant == "base" else variant
-  if model and (reason := wd.skipped(model)):
-    log.warning("eval_files %s: skipped, the model was not trained (%s)", model, reason)
+  model = _open_model(config, wd, variant)
+  if model is None:
     return
   out_dir = os.path.join(wd.root, "eval", variant)  # variant '' -> eval/
   os.makedirs(out_dir, exist_ok=True)
-  tokenizer, backend = builders.make_backend(config, wd, "policy", model=model)
-  tools = builders.make_tools(config, wd)
-  rows = []
   try:
-    for path, name in zip(node.files, names):
-      metrics, trajs = evaluate(backend, tokenizer, tools, questions[path],
-                                EvalConfig(rollout=builders.rollout_config(node, config.seed), maj_k=node.maj_k,
-                                           seed=config.seed), progress=f"eval:{name}")
-      metrics.update(quality_metrics(trajs, builders.scoring_config(config)))
-      write_report(out_dir, name, metrics, trajs)
-      rows.append({"name": name, "file": os.path.abspath(path), **metrics})
-      log.info("eval %s: %s", name, json.dumps(metrics))
+    rows = [{"name": name, "file": os.path.abspath(path), **_evaluate(config, model, questions[path], out_dir, name)}
+            for path, name in zip(node.files, names)]
   finally:
-    builders.close_tools(tools)
+    builders.close_tools(model[2])
   records.write_json(os.path.join(out_dir, "results.json"), {"rows": rows})
   cols = [c for c in FILE_COLUMNS if any(c in r for r in rows)] + sorted({k for r in rows for k in r
                                                                          if k.startswith("maj@")})
