@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from autotraj_jax.registry import Registry
 from autotraj_jax.tir.answers import QA_DOMAINS, is_equivalent, token_f1
 from autotraj_jax.tir.format import extract_answer, validate
 from autotraj_jax.tir.trajectory import Trajectory
@@ -141,16 +142,8 @@ class RewardContext:
 
 
 ComponentFn = Callable[[Sequence[Trajectory], RewardConfig, RewardContext], list[float]]
-REWARD_COMPONENTS: dict[str, ComponentFn] = {}
-
-
-def register_reward(name: str) -> Callable[[ComponentFn], ComponentFn]:
-  def deco(fn: ComponentFn) -> ComponentFn:
-    if name in REWARD_COMPONENTS and REWARD_COMPONENTS[name] is not fn:
-      raise ValueError(f"reward component {name!r} is already registered")
-    REWARD_COMPONENTS[name] = fn
-    return fn
-  return deco
+REWARD_COMPONENTS: Registry[ComponentFn] = Registry("reward component")
+register_reward = REWARD_COMPONENTS.register
 
 
 def answer_of(traj: Trajectory) -> str | None:

@@ -21,6 +21,7 @@ import math
 import re
 from typing import Callable, Mapping, Sequence
 
+from autotraj_jax.registry import Registry
 from autotraj_jax.tir.answers import is_equivalent
 from autotraj_jax.tir.format import parse_segments, validate
 from autotraj_jax.tir.trajectory import Trajectory
@@ -62,14 +63,8 @@ class ScoringConfig:
 
 
 Scorer = Callable[[Trajectory, Sequence[Trajectory], ScoringConfig], Score]
-SCORERS: dict[str, Scorer] = {}
-
-
-def register_scorer(name: str):
-  def deco(fn: Scorer) -> Scorer:
-    SCORERS[name] = fn
-    return fn
-  return deco
+SCORERS: Registry[Scorer] = Registry("quality scorer")
+register_scorer = SCORERS.register
 
 
 def scored_text(traj: Trajectory, cfg: ScoringConfig) -> str:

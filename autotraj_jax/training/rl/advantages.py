@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import jax
 import jax.numpy as jnp
 
-from autotraj_jax.training.rl.registry import Registry
+from autotraj_jax.registry import Registry
 
 if TYPE_CHECKING:
   from autotraj_jax.training.rl.config import RLConfig

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from autotraj_jax.training.rl.registry import Registry
+from autotraj_jax.registry import Registry
 
 # exp() of a log-ratio beyond this overflows or dominates the batch; clamp for stability.
 MAX_LOG_RATIO = 20.0

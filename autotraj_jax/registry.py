@@ -1,5 +1,6 @@
-"""Name -> function tables, so an RL ablation is a config edit: a new advantage estimator,
-loss aggregation or KL estimator is one registered function, never an edit of the learner."""
+"""Name -> function tables, so an ablation is a config edit: a new quality scorer, reward
+component, advantage estimator, loss aggregation or KL estimator is one registered function,
+never an edit of the code that uses it."""
 
 from __future__ import annotations
 
