@@ -268,7 +268,7 @@ SCHEMA: dict[str, Any] = dict(
              data=F("autotraj", "'autotraj' (high + repaired) or 'high_only'", one_of("autotraj", "high_only")),
              mask_tool_results=F(True, "loss on model-written tokens only"),
              **trainer(60, 16, (256, 384, 512, 1024), 3e-4, 5, log_every=5, checkpoint_every=30),
-             eval_every=F(0, "steps between evals (0: only at the end)", nonneg),
+             eval_every=F(20, "steps between held-out losses (0: only at the end; accuracy: at the end)", nonneg),
              eval_questions=F(32, "validation questions for greedy accuracy during training", nonneg),
              lora=lora()),
     sft_variants=Variants("sft", dict(high_only=dict(data="high_only"), autotraj=dict(data="autotraj")),

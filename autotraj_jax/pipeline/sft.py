@@ -116,11 +116,13 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
                              pad_id=pad_id) if held_examples else None
   engine, tools, queries = _accuracy_eval(config, wd, node, init_dir, tokenizer)
 
+  steps = builders.train_steps(node, len(examples))
+
   def eval_fn(p, step: int) -> dict[str, float]:
     out = {}
     if eval_loss is not None:
       out["loss"] = eval_loss(p)
-    if engine is not None:
+    if engine is not None and step == steps:  # greedy accuracy (slow) once, at the end
       engine.update_params(jax.device_put(lora.merged(p), jax.tree.map(lambda x: x.sharding, engine.params)))
       metrics, _ = evaluate(engine, tokenizer, tools, queries,
                             EvalConfig(rollout=builders.rollout_config(config.eval, config.seed), seed=config.seed))
@@ -131,7 +133,6 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
   meta = {"model_config": model_cfg.to_dict(), "model_kind": kind, "sft_data": node.data,
           "mask_tool_results": bool(node.mask_tool_results), "lora": lora.cfg.to_dict()}
   out_dir = wd.path(name)
-  steps = builders.train_steps(node, len(examples))
   trainer = Trainer(builders.train_config(node, seed=config.seed, pad_id=pad_id, steps=steps), loss_fn=lora.loss_fn,
                     params=lora.params, mesh=builders.make_mesh(config),
                     workdir=os.path.join(out_dir, "train") if lora.cfg.enabled else out_dir, meta=meta,
