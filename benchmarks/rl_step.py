@@ -14,11 +14,13 @@ included) is printed apart from the mean over the `--steps` timed steps. Figures
 - rollout: the multi-turn tool loop (`run_rollouts` on the in-process JaxEngine): sampling plus
   tool calls, `--prompts` x `--samples` trajectories. gen tok/s = model-written tokens / this time.
 - reward: `compute_rewards` (outcome + format, the RL stage's weights 1.0 / 0.5).
-- logprob: packing the batch at the bucket length `--seq`, the jitted logprob recompute under the
-  current params, and group advantages by the registered estimator `--advantage`.
-- update: one jitted policy-loss train step (`make_train_step`, donated state, all
-  prompts x samples rows in one [1, B, --seq] batch), then handing the weights to the engine.
-  train tok/s = B x --seq positions / this time (padding included: that is the compute spent).
+- logprob: laying the batch out at the bucket length `--seq` (packed rows, `rl.RowLayout`, unless
+  --no-pack), the jitted logprob recompute under the current params, and group advantages by
+  the registered estimator `--advantage`.
+- update: the batch's trajectories in the same packed rows (one per row with --no-pack), one
+  jitted policy-loss train step (`make_train_step`, donated state, one micro-batch), then
+  handing the weights to the engine. train tok/s = positions of the update batch / this time
+  (padding included: that is the compute spent).
 - sft / rm: one jitted train step with donated state on random tokens, `--batch` x `--train-seq`
   (rm: `--batch` pairs, both sequences counted), mean over `--train-steps` after `--warmup`.
 
@@ -50,7 +52,7 @@ from autotraj_jax.taskworld import read_split, write_world
 from autotraj_jax.tir.rollout import Query, RolloutConfig, run_rollouts
 from autotraj_jax.tir.tools import make_tool
 from autotraj_jax.tokenizer import build_demo_tokenizer, load_tokenizer
-from autotraj_jax.training import rl
+from autotraj_jax.training import packing, rl
 from autotraj_jax.training.optimizer import OptimizerConfig, make_optimizer
 from autotraj_jax.training.reward_model import collate_pairs, make_rm_loss
 from autotraj_jax.training.sft import make_sft_loss
@@ -130,7 +132,14 @@ class GRPOBench:
     t2 = time.perf_counter()
     batch = rl.rollout_batch(trajs, length=a.seq, pad_id=self.pad_id)
     dev = {k_: jnp.asarray(v) for k_, v in batch.items()}
-    old_logp = self.logprob_fn(self.state.params, dev)
+    # As the learner does with rl.pack=True: the forward and the update on packed rows.
+    layout = rl.RowLayout.of(batch["valid"], packing.row_multiple(len(trajs))) if a.pack else None
+    if layout is None:
+      old_logp = self.logprob_fn(self.state.params, dev)
+    else:
+      packed = {k_: jnp.asarray(v) for k_, v in layout.pack(
+          {"tokens": batch["tokens"], "valid": batch["valid"], "loss_mask": batch["loss_mask"]}).items()}
+      old_logp = jnp.asarray(layout.unpack_BT(self.logprob_fn(self.state.params, packed)))
     mask = rl.shifted_mask(dev)
     adv = rl.estimate_advantages(self.rl_cfg.advantage, rl.AdvantageInputs(
         rewards_B=jnp.asarray(rewards, jnp.float32), group_size=self.n, mask_BT=mask,
@@ -138,6 +147,8 @@ class GRPOBench:
     host = {"tokens": batch["tokens"], "valid": batch["valid"],
             "loss_mask": np.asarray(batch["loss_mask"] * np.asarray(adv.keep_B, np.int32)[:, None]),
             "adv": np.asarray(adv.adv_BT), "old_logp": np.asarray(old_logp), "ref_logp": np.asarray(old_logp)}
+    if layout is not None:
+      host = layout.pack(host)
     t3 = time.perf_counter()
     self.state, m = self.train_step(self.state, {k_: jnp.asarray(v)[None] for k_, v in host.items()})
     self.engine.update_params(self.state.params)
@@ -146,7 +157,8 @@ class GRPOBench:
     out.update(rollout=t1 - t0, reward=t2 - t1, logprob=t3 - t2, update=t4 - t3)
     out["gen_tokens"] = float(sum(t.num_model_tokens for t in trajs))
     out["valid_tokens"] = float(batch["valid"].sum())
-    out["padding"] = 1.0 - out["valid_tokens"] / batch["valid"].size
+    out["update_positions"] = float(host["valid"].size)
+    out["padding"] = packing.padding_fraction(host)
     out["prefill_ratio"] = float(self.engine.prefill_ratio)
     out["truncated"] = float(sum(len(t.prompt_ids) + len(t.response_ids) > a.seq for t in trajs))
     out["tool_calls"] = float(sum(len(t.tool_calls) for t in trajs))
@@ -219,6 +231,8 @@ def main():
   p.add_argument("--train-steps", type=int, default=5, help="timed SFT / RM steps")
   p.add_argument("--warmup", type=int, default=2, help="SFT / RM steps before timing (the first compiles)")
   p.add_argument("--parts", default="rl,sft,rm", help="comma list of rl, sft, rm")
+  p.add_argument("--no-pack", dest="pack", action="store_false",
+                 help="one trajectory per row in the update (default: packed rows, as rl.pack=True)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   # bm25s sets its own logger to DEBUG when imported; a filter outlives that.
@@ -246,7 +260,6 @@ def main():
 
 def bench_rl(args, cfg, graphdef, params, tokenizer, tmp: str) -> list[tuple[str, str, str]]:
   bench = GRPOBench(args, cfg, graphdef, params, tokenizer, tmp)
-  B = args.prompts * args.samples
   try:
     runs = []
     for k in range(args.steps + 1):
@@ -274,8 +287,9 @@ def bench_rl(args, cfg, graphdef, params, tokenizer, tmp: str) -> list[tuple[str
   rows.append(("rollout gen tok/s", f"{mean['gen_tokens'] / mean['rollout']:.1f}",
                f"{mean['gen_tokens']:.0f} model tokens/step, {mean['tool_calls']:.1f} tool calls/step, "
                f"mean reward {mean['reward_mean']:.3f}"))
-  rows.append(("update train tok/s", f"{B * args.seq / mean['update']:.1f}",
-               f"{B} x {args.seq} positions/step ({mean['valid_tokens']:.0f} real tokens)"))
+  rows.append(("update train tok/s", f"{mean['update_positions'] / mean['update']:.1f}",
+               f"{mean['update_positions']:.0f} positions/step ({mean['valid_tokens']:.0f} real tokens, "
+               f"{'packed' if args.pack else 'one trajectory per row'})"))
   # Exactly these two lines: padding tokens / all tokens of the update batch, and prefill tokens
   # computed / context tokens seen by the engine over the step's rollout (the prefix cache's saving).
   print(f"padding fraction: {mean['padding']:.2f}")

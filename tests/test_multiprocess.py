@@ -1,6 +1,6 @@
 """Multi-host training on one machine: SFT in 2 processes on localhost (jax.distributed on the CPU
 backend, 2 fake devices each) must make the run 1 process on 4 fake devices makes: the same losses,
-the same final params, with plain and length-grouped batches, gradient accumulation and a resume
+the same final params, with plain, length-grouped and packed batches, gradient accumulation and a resume
 from a checkpoint both processes wrote (by 2 new processes, and by 1). Metrics and the progress
 bar come from process 0 only.
 
@@ -68,7 +68,7 @@ def worker(spec: dict[str, Any]) -> None:
   for job in spec["jobs"]:
     graphdef, params = init_model(cfg, seed=0)
     tcfg = TrainConfig(steps=job["steps"], batch_size=8, micro_batch_size=4, buckets=(16, 32), log_every=1,
-                       checkpoint_every=CUT, seed=7, group_by_length=job["grouped"],
+                       checkpoint_every=CUT, seed=7, group_by_length=job["grouped"], pack=job.get("pack", False),
                        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2, total_steps=8))
     trainer = Trainer(tcfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=mesh, workdir=job["workdir"],
                       progress=True, desc=f"bar-{job['name']}")
@@ -140,13 +140,13 @@ def runs(tmp_path_factory) -> dict[str, Any]:
   root = str(tmp)
 
   def job(kind: str, name: str, steps: int) -> dict[str, Any]:
-    return {"name": f"{kind}-{name}", "grouped": name == "grouped", "steps": steps,
+    return {"name": f"{kind}-{name}", "grouped": name != "plain", "pack": name == "packed", "steps": steps,
             "workdir": os.path.join(root, kind, name), "out": os.path.join(root, f"{kind}-{name}")}
 
   t0 = time.monotonic()
   cache = os.path.join(root, "xla_cache")
-  ref = {"cache": cache, "jobs": [job("ref", "plain", STEPS), job("ref", "grouped", STEPS)]}
-  first = {"cache": cache, "jobs": [job("mp", "plain", STEPS), job("mp", "grouped", CUT)]}
+  ref = {"cache": cache, "jobs": [job("ref", name, STEPS) for name in ("plain", "grouped", "packed")]}
+  first = {"cache": cache, "jobs": [job("mp", "plain", STEPS), job("mp", "grouped", CUT), job("mp", "packed", STEPS)]}
   deadline = time.monotonic() + GROUP_TIMEOUT_S
   ref_procs = launch(ref, processes=1, devices_per_process=4, logdir=root, tag="ref")
   mp_procs = launch(first, processes=2, devices_per_process=2, logdir=root, tag="mp1")
@@ -193,7 +193,7 @@ def load_params(path: str) -> list[np.ndarray]:
 
 # ---- the tests ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["plain", "grouped"])
+@pytest.mark.parametrize("name", ["plain", "grouped", "packed"])
 def test_two_processes_train_like_one(runs, name):
   root = runs["root"]
   ref, mp = raw_records(os.path.join(root, "ref", name)), raw_records(os.path.join(root, "mp", name))

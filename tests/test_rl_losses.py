@@ -151,7 +151,7 @@ def test_registered_estimator_aggregation_and_kl():
       return rewards_Gn - jnp.max(rewards_Gn, axis=1, keepdims=True)
 
     @register_aggregation("test_sum")
-    def total(v, m, max_len):
+    def total(v, m, max_len, seq):
       return jnp.sum(v), jnp.ones(())
 
     @register_kl("test_abs")
@@ -164,7 +164,7 @@ def test_registered_estimator_aggregation_and_kl():
     assert float(aggregate_tokens(np.array([[1.0, 2.0]]), np.ones((1, 2)), "test_sum")[0]) == 3.0
     np.testing.assert_allclose(kl_penalty(np.array([1.0]), np.array([3.0]), "test_abs"), [2.0])
     with pytest.raises(ValueError, match="already registered"):
-      register_aggregation("test_sum")(lambda v, m, n: (v, m))
+      register_aggregation("test_sum")(lambda v, m, n, seq: (v, m))
   finally:
     ADVANTAGES.pop("test_max_baseline", None)
     rl_losses.AGGREGATIONS.pop("test_sum", None)

@@ -180,7 +180,8 @@ def train_config(node: ml_collections.ConfigDict, *, seed: int, pad_id: int, bat
   return TrainConfig(steps=steps, batch_size=batch, micro_batch_size=micro, buckets=tuple(node.buckets),
                      seed=seed, log_every=node.get("log_every", 10),
                      checkpoint_every=node.get("checkpoint_every", 100), keep_checkpoints=keep_checkpoints,
-                     pad_id=pad_id, group_by_length=group_by_length, optimizer=opt)
+                     pad_id=pad_id, group_by_length=group_by_length, pack=bool(node.get("pack", False)),
+                     optimizer=opt)
 
 
 def scoring_config(config: ml_collections.ConfigDict):

@@ -90,7 +90,7 @@ def _train(config, wd: Workdir, node, tokenizer, train_ex: list[dict[str, Any]],
   """Trains the RM; returns (graphdef, merged params, model config, steps, held-out scorer)."""
   from autotraj_jax.models import abstract_model
   from autotraj_jax.training import lora as lora_lib
-  from autotraj_jax.training.reward_model import collate_pairs, init_rm_params, make_rm_loss
+  from autotraj_jax.training.reward_model import PAIRS, collate_pairs, init_rm_params, make_rm_loss
   from autotraj_jax.training.rm_scorer import make_pair_eval, pair_metrics
   from autotraj_jax.training.trainer import Trainer
 
@@ -115,7 +115,7 @@ def _train(config, wd: Workdir, node, tokenizer, train_ex: list[dict[str, Any]],
                     params=lora.params, mesh=builders.make_mesh(config),
                     workdir=os.path.join(out_dir, "train") if lora.cfg.enabled else out_dir, meta=meta,
                     eval_fn=eval_fn if held_scores else None, eval_every=node.eval_every or steps,
-                    collate_fn=collate_pairs, optimizer_wrapper=lora.optimizer_wrapper, desc="rm")
+                    collate_fn=collate_pairs, packer=PAIRS, optimizer_wrapper=lora.optimizer_wrapper, desc="rm")
   try:
     state = trainer.run(train_ex)
   finally:

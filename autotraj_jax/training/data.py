@@ -14,11 +14,14 @@ batches one host would, and a run's losses do not change with the host count.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
+
+from autotraj_jax.training import packing
 
 # (examples, buckets, pad_id) -> batch arrays, batch-major ([B, ...]), padded to the smallest bucket
 # that fits the longest example (so, given one bucket, to that one: how hosts agree on a length).
@@ -43,6 +46,36 @@ def collate(examples: Sequence[dict[str, Any]], buckets: Sequence[int], pad_id: 
     out["loss_mask"][b, :n] = np.asarray(e["loss_mask"][:n])
     out["valid"][b, :n] = 1
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Packer:
+  """How examples become items of packed rows (`training/packing.py`).
+
+  `item(example, cap)` gives the 1-D arrays of one item (each sequence in it cut to `cap` tokens,
+  the largest bucket); an item never splits across rows. Rows are `scale` x a bucket long (a
+  preference pair packs both sides, so 2). `template` is an empty item (keys and dtypes), `pad`
+  the fill of keys other than tokens.
+  """
+
+  item: Callable[[Mapping[str, Any], int], dict[str, np.ndarray]]
+  template: Mapping[str, np.ndarray]
+  scale: int = 1
+  pad: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def length(self, example: Mapping[str, Any], cap: int) -> int:
+    return len(self.item(example, cap)["tokens"])
+
+
+def sequence_item(example: Mapping[str, Any], cap: int) -> dict[str, np.ndarray]:
+  """One SFT sequence (tokens, loss_mask) as a packed-row item."""
+  n = min(len(example["tokens"]), cap)
+  return {"tokens": np.asarray(example["tokens"][:n], np.int32),
+          "loss_mask": np.asarray(example["loss_mask"][:n], np.int32)}
+
+
+SEQUENCES = Packer(sequence_item, {"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32)})
+GLOBAL_ROWS = "global_rows"  # a packed host batch carries the global row count of its step
 
 
 def example_length(example: dict[str, Any]) -> int:
@@ -114,7 +147,8 @@ def _check_rows(rows: Sequence[int] | None, batch_size: int) -> tuple[int, ...] 
 def batch_dataset(source: Any, *, batch_size: int, buckets: Sequence[int], seed: int,
                   pad_id: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                   group_by_length: bool = False, rows: Sequence[int] | None = None,
-                  collate_fn: CollateFn = collate) -> grain.IterDataset:
+                  collate_fn: CollateFn = collate, packer: Packer | None = None, row_multiple: int = 1,
+                  rows_of: Callable[[int], Sequence[int]] | None = None) -> grain.IterDataset:
   """Shuffled (per epoch), repeated, bucketed global batches of `batch_size` as a checkpointable
   IterDataset.
 
@@ -124,14 +158,21 @@ def batch_dataset(source: Any, *, batch_size: int, buckets: Sequence[int], seed:
   up front). Grouped by length, each epoch is planned afresh (`length_grouped_batches`) and holds
   every example. `collate_fn` turns a list of examples into arrays (e.g. [B, 2, L] preference pairs
   instead of [B, L] sequences).
+
+  With a `packer`, each global batch of examples is packed (`packing.plan_rows`, first-fit
+  decreasing) into rows of `packer.scale` x the bucket of its longest item, as many rows as needed
+  rounded up to `row_multiple`; `rows_of(R)` gives this host's rows of a global batch of R rows
+  (default all), and the host batch carries R under `GLOBAL_ROWS`.
   """
   if len(source) < batch_size:
     raise ValueError(f"dataset has {len(source)} examples, fewer than one batch of {batch_size}")
   rows = _check_rows(rows, batch_size)
   buckets = tuple(sorted(buckets))
-  lengths = None
-  if group_by_length or rows is not None:
+  lengths = item_lengths = None
+  if group_by_length or rows is not None or packer is not None:
     lengths = [example_length(source[i]) for i in range(len(source))]
+  if packer is not None:
+    item_lengths = [packer.length(source[i], buckets[-1]) for i in range(len(source))]
   if group_by_length:
     ds = _grouped_batches(lengths, batch_size, seed, shuffle, num_epochs)
   else:
@@ -140,8 +181,23 @@ def batch_dataset(source: Any, *, batch_size: int, buckets: Sequence[int], seed:
       ds = ds.shuffle()
     ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=list)
 
+  def load_packed(idx: Sequence[int]) -> dict[str, np.ndarray]:
+    idx = [int(i) for i in idx]
+    length = pick_bucket(max(item_lengths[i] for i in idx), tuple(b * packer.scale for b in buckets))
+    plan = packing.plan_rows([item_lengths[i] for i in idx], length, row_multiple)
+    mine = plan if rows_of is None else [plan[r] for r in rows_of(len(plan))]
+    needed = sorted({j for row in mine for j in row})
+    local = {j: k for k, j in enumerate(needed)}
+    out = packing.pack([packer.item(source[idx[j]], buckets[-1]) for j in needed],
+                       [[local[j] for j in row] for row in mine], length,
+                       pad={"tokens": pad_id, **packer.pad}, template=packer.template)
+    out[GLOBAL_ROWS] = np.int32(len(plan))
+    return out
+
   def load(idx: Sequence[int]) -> dict[str, np.ndarray]:
     idx = [int(i) for i in idx]
+    if packer is not None:
+      return load_packed(idx)
     if rows is None:
       return collate_fn([source[i] for i in idx], buckets, pad_id)
     length = pick_bucket(max(lengths[i] for i in idx), buckets)

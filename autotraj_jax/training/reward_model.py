@@ -21,6 +21,7 @@ from autotraj_jax.models.decoder import causal_mask, gather_last
 from autotraj_jax.tir import prompts
 from autotraj_jax.tir.trajectory import PreferencePair, Segment, Trajectory
 from autotraj_jax.training import data as data_lib
+from autotraj_jax.training import packing
 from autotraj_jax.training.sft import positions_from_valid
 
 HEAD_INIT_STD = 0.02  # the scale of every other freshly initialised weight
@@ -143,6 +144,41 @@ def collate_pairs(examples: Sequence[Mapping[str, Any]], buckets: Sequence[int],
           "margin": np.asarray([e.get("margin", 0.0) for e in examples], np.float32)}
 
 
+def pair_item(example: Mapping[str, Any], cap: int) -> dict[str, np.ndarray]:
+  """A pair as one packed-row item: chosen then rejected (segments 1 and 2, each cut to `cap`
+  tokens), `end` +1 / -1 at the last token of each side, the pair's margin at the chosen end."""
+  chosen, rejected = (np.asarray(list(t)[:cap] or [0], np.int32) for t in example["tokens"])
+  nc, n = len(chosen), len(chosen) + len(rejected)
+  end = np.zeros(n, np.int32)
+  end[nc - 1], end[n - 1] = 1, -1
+  margin = np.zeros(n, np.float32)
+  margin[nc - 1] = example.get("margin", 0.0)
+  seg = np.concatenate([np.ones(nc, np.int32), np.full(n - nc, 2, np.int32)])
+  return {"tokens": np.concatenate([chosen, rejected]), "end": end, "margin": margin, "segment_ids": seg}
+
+
+PAIRS = data_lib.Packer(pair_item, {"tokens": np.zeros(0, np.int32), "end": np.zeros(0, np.int32),
+                                    "margin": np.zeros(0, np.float32)}, scale=2)
+
+
+def packed_pair_scores(values_RL: jax.Array, batch: Mapping[str, jax.Array]
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(r_chosen, r_rejected, margin, valid) per pair slot of packed rows: row r's pair k is its
+  segments 2k + 1 (chosen) and 2k + 2 (rejected); slots with no pair have valid 0."""
+  R, L = values_RL.shape
+  seg, end = packing.segments(batch), jnp.asarray(batch["end"])
+  slots = max(L // 2, 1)
+  ids = jnp.where(end != 0, jnp.arange(R)[:, None] * slots + (seg - 1) // 2, R * slots)
+
+  def per_pair(x):
+    return jax.ops.segment_sum(x.reshape(-1), ids.reshape(-1), num_segments=R * slots + 1)[:-1]
+  values = values_RL.astype(jnp.float32)
+  chosen = per_pair(jnp.where(end > 0, values, 0.0))
+  rejected = per_pair(jnp.where(end < 0, values, 0.0))
+  margin = per_pair(jnp.where(end > 0, jnp.asarray(batch["margin"], jnp.float32), 0.0))
+  return chosen, rejected, margin, per_pair((end > 0).astype(jnp.float32)) > 0
+
+
 def sequence_values(model, tokens_NL: jax.Array, valid_NL: jax.Array) -> jax.Array:
   """[N, L] scalar-head values of right-padded sequences."""
   return model(tokens_NL, positions_from_valid(valid_NL), causal_mask(valid_NL))
@@ -163,10 +199,14 @@ def pair_forward(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Ar
 
 
 def make_rm_loss(graphdef: nnx.GraphDef, *, center_coef: float = 0.0):
-  """loss_fn(params, batch, rng) for `make_train_step` on `collate_pairs` batches."""
+  """loss_fn(params, batch, rng) for `make_train_step` on `collate_pairs` or packed `PAIRS` batches."""
 
   def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
     del rng
+    if "segment_ids" in batch:  # packed rows (`PAIRS`): the same pairs, fewer padded tokens
+      values = nnx.merge(graphdef, params)(*packing.model_inputs(batch, shift=False))
+      rc, rr, margin, valid = packed_pair_scores(values, batch)
+      return bradley_terry_loss(rc, rr, margin=margin, center_coef=center_coef, valid_B=valid)
     rc, rr = pair_forward(graphdef, params, batch)
     return bradley_terry_loss(rc, rr, margin=batch["margin"], center_coef=center_coef)
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from autotraj_jax.models.decoder import causal_mask
+from autotraj_jax.training import packing
 from autotraj_jax.training.losses import chunked_sft_loss, sft_loss
 
 
@@ -21,7 +21,8 @@ def positions_from_valid(valid_BL: jax.Array) -> jax.Array:
 
 
 def make_sft_loss(graphdef: nnx.GraphDef):
-  """loss_fn(params, batch, rng) for `make_train_step`; batch has tokens, loss_mask, valid.
+  """loss_fn(params, batch, rng) for `make_train_step`; batch has tokens, loss_mask, valid and,
+  when packed, segment_ids (`training/packing.py`: the same per-token losses either way).
 
   With the model config's `logits_chunk` > 0 the [B, L, V] logits are never built whole
   (`chunked_sft_loss`); the loss is the same up to float reassociation.
@@ -30,9 +31,9 @@ def make_sft_loss(graphdef: nnx.GraphDef):
   def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
     del rng
     model = nnx.merge(graphdef, params)
-    tokens, valid = batch["tokens"], batch["valid"]
-    args = (tokens[:, :-1], positions_from_valid(valid)[:, :-1], causal_mask(valid[:, :-1]))
-    mask = batch["loss_mask"][:, 1:] * valid[:, 1:]
+    tokens = batch["tokens"]
+    args = packing.model_inputs(batch)
+    mask = batch["loss_mask"][:, 1:] * packing.target_mask(packing.segments(batch))
     chunk = getattr(model.cfg, "logits_chunk", 0)
     if chunk:
       hidden, _ = model.model(*args)

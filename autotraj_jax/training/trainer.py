@@ -23,6 +23,7 @@ from autotraj_jax import sharding as shd
 from autotraj_jax.checkpoint import Checkpointer
 from autotraj_jax.metrics import MetricWriter
 from autotraj_jax.training import data as data_lib
+from autotraj_jax.training import packing
 from autotraj_jax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
 from autotraj_jax.training.step import LossFn, TrainState, init_state, make_train_step
 
@@ -40,6 +41,7 @@ class TrainConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   pad_id: int = 0
   group_by_length: bool = False  # batches of similar lengths (smaller buckets, less padding)
+  pack: bool = False  # several sequences per row (training/packing.py): fewer rows, same losses
 
   def __post_init__(self):
     micro = self.micro_batch_size or self.batch_size
@@ -78,9 +80,10 @@ class Trainer:
                workdir: str | os.PathLike, meta: dict[str, Any] | None = None,
                eval_fn: Callable[[Any, int], dict[str, float]] | None = None, eval_every: int = 0,
                progress: bool = True, collate_fn: data_lib.CollateFn = data_lib.collate,
-               optimizer_wrapper: Callable[[Any], Any] | None = None, desc: str = "train"):
+               optimizer_wrapper: Callable[[Any], Any] | None = None, desc: str = "train",
+               packer: data_lib.Packer = data_lib.SEQUENCES):
     self.cfg, self.mesh, self.workdir, self.desc = cfg, mesh, str(workdir), desc
-    self.collate_fn = collate_fn
+    self.collate_fn, self.packer = collate_fn, packer
     self.meta = dict(meta or {})
     self.eval_fn, self.eval_every, self.progress = eval_fn, eval_every, progress
     self.optimizer = make_optimizer(cfg.optimizer)
@@ -165,16 +168,31 @@ class Trainer:
       return jax.make_array_from_process_local_data(self._batch_sharding, v, shape)
     return {k: one(v) for k, v in micro.items()}
 
-  def host_rows(self) -> list[int]:
-    """The rows of each global batch of `cfg.batch_size` that this process loads (`host_rows`)."""
-    return host_rows(self._batch_sharding, self.cfg.batch_size, self.cfg.num_micro)
+  def host_rows(self, rows: int | None = None) -> list[int]:
+    """The rows of each global batch of `rows` (default `cfg.batch_size`) that this process loads."""
+    return host_rows(self._batch_sharding, rows or self.cfg.batch_size, self.cfg.num_micro)
+
+  @property
+  def row_granularity(self) -> int:
+    """Rows of a step's batch come in multiples of this: micro-batches x data shards."""
+    shards = 1
+    for a in shd.BATCH_AXES:
+      if a in self.mesh.axis_names:
+        shards *= self.mesh.shape[a]
+    return self.cfg.num_micro * shards
+
+  def packed_rows(self, items: int) -> int:
+    """The row-count step of a packed batch of `items` sequences (`packing.row_multiple`)."""
+    return packing.row_multiple(items, self.row_granularity)
 
   def run(self, source: Any) -> TrainState:
     cfg = self.cfg
     primary = jax.process_index() == 0
+    pack = dict(packer=self.packer, row_multiple=self.packed_rows(cfg.batch_size), rows_of=self.host_rows) \
+        if cfg.pack else dict(rows=self.host_rows())
     ds = data_lib.batch_dataset(source, batch_size=cfg.batch_size, buckets=cfg.buckets,
                                 seed=cfg.seed, pad_id=cfg.pad_id, group_by_length=cfg.group_by_length,
-                                rows=self.host_rows(), collate_fn=self.collate_fn)
+                                collate_fn=self.collate_fn, **pack)
     data_iter = iter(ds)
     if self.ckpt.latest_step() is not None:
       state, _ = self.restore_state(data_iter=data_iter)
@@ -187,7 +205,9 @@ class Trainer:
     pending = None
     try:
       for step in range(start, cfg.steps):
-        state, metrics = self.train_step(state, self.device_batch(next(data_iter), global_batch=cfg.batch_size))
+        batch = next(data_iter)
+        rows = int(batch.pop(data_lib.GLOBAL_ROWS, cfg.batch_size))
+        state, metrics = self.train_step(state, self.device_batch(batch, global_batch=rows))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
           pending = jax.device_get(metrics)

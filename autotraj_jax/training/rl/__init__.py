@@ -20,7 +20,14 @@ from autotraj_jax.training.rl.advantages import (
                                                  register_group_advantage,
                                                  token_rewards,
 )
-from autotraj_jax.training.rl.batch import logprob_gap, pick_bucket, rollout_batch, shifted_mask
+from autotraj_jax.training.rl.batch import (
+                                                 RowLayout,
+                                                 logprob_gap,
+                                                 pack_update_batch,
+                                                 pick_bucket,
+                                                 rollout_batch,
+                                                 shifted_mask,
+)
 from autotraj_jax.training.rl.config import RLConfig
 from autotraj_jax.training.rl.learner import Learner, LearnerConfig
 from autotraj_jax.training.rl.losses import (
@@ -38,9 +45,10 @@ from autotraj_jax.training.rl.objective import make_logprob_fn, make_policy_loss
 
 __all__ = [
   "ADVANTAGES", "AGGREGATIONS", "AdvantageInputs", "Advantages", "KL_ESTIMATORS", "Learner", "LearnerConfig",
-  "RLConfig", "aggregate_tokens", "entropy_from_logits", "estimate_advantages", "filter_uniform_groups", "gae",
-  "group_advantages", "kl_penalty", "leave_one_out_advantages", "logprob_gap", "make_logprob_fn",
-  "make_policy_loss", "make_value_fn", "make_value_loss", "masked_whiten", "pick_bucket", "policy_loss",
-  "register_advantage", "register_aggregation", "register_group_advantage", "register_kl", "rollout_batch",
-  "shifted_mask", "token_rewards", "value_loss",
+  "RLConfig", "RowLayout", "aggregate_tokens", "entropy_from_logits", "estimate_advantages",
+  "filter_uniform_groups", "gae", "group_advantages", "kl_penalty", "leave_one_out_advantages", "logprob_gap",
+  "make_logprob_fn",
+  "make_policy_loss", "make_value_fn", "make_value_loss", "masked_whiten", "pack_update_batch", "pick_bucket",
+  "policy_loss", "register_advantage", "register_aggregation", "register_group_advantage", "register_kl",
+  "rollout_batch", "shifted_mask", "token_rewards", "value_loss",
 ]

@@ -8,6 +8,7 @@ index j is about token j + 1, predicted from tokens <= j (T = L - 1).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotraj_jax.tir.trajectory import Trajectory
+from autotraj_jax.training import packing
 
 
 def trajectory_length(t: Trajectory) -> int:
@@ -54,8 +56,55 @@ def rollout_batch(trajs: Sequence[Trajectory], *, length: int, pad_id: int) -> d
 
 
 def shifted_mask(batch: dict[str, Any]) -> jax.Array:
-  """[B, T] mask of model-written target tokens."""
-  return (jnp.asarray(batch["loss_mask"])[:, 1:] * jnp.asarray(batch["valid"])[:, 1:]).astype(jnp.float32)
+  """[B, T] mask of model-written target tokens (inside their own sequence when packed)."""
+  return jnp.asarray(batch["loss_mask"])[:, 1:].astype(jnp.float32) * packing.target_mask(packing.segments(batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+  """Where each trajectory of an unpacked [B, L] batch sits in packed rows of the same length L
+  (`training/packing.py`): fewer rows, the same per-token losses and log-probs."""
+
+  rows: tuple[tuple[int, ...], ...]  # trajectory indices per packed row, in order
+  lengths: tuple[int, ...]           # real tokens of each trajectory
+  length: int                        # L
+
+  @classmethod
+  def of(cls, valid_BL: np.ndarray, multiple: int = 1) -> "RowLayout":
+    """First-fit-decreasing rows for the trajectories of `valid_BL`, in multiples of `multiple`."""
+    lengths = tuple(int(n) for n in np.asarray(valid_BL).sum(axis=1))
+    plan = packing.plan_rows(lengths, np.shape(valid_BL)[1], multiple)
+    return cls(tuple(tuple(r) for r in plan), lengths, int(np.shape(valid_BL)[1]))
+
+  def pack(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch's [B, L] per-token and [B, T] next-token-aligned arrays as packed rows
+    (T-aligned arrays stay T-aligned), with segment_ids and valid."""
+    L = self.length
+    aligned = {k for k, v in batch.items() if np.shape(v)[1] == L - 1}
+    per_token = {k: packing.token_aligned(v) if k in aligned else np.asarray(v)
+                 for k, v in batch.items() if k not in ("valid", "segment_ids")}
+    items = [{k: v[b, :n] for k, v in per_token.items()} for b, n in enumerate(self.lengths)]
+    packed = packing.pack(items, self.rows, L)
+    return {k: v[:, 1:] if k in aligned else v for k, v in packed.items()}
+
+  def unpack_BT(self, x_RT: Any) -> np.ndarray:
+    """Packed next-token-aligned values [R, T] -> [B, T] (0 past each trajectory's end)."""
+    x = np.asarray(x_RT)
+    out = np.zeros((len(self.lengths), self.length - 1), x.dtype)
+    for r, members in enumerate(self.rows):
+      at = 0
+      for b in members:
+        n = self.lengths[b]
+        out[b, :max(n - 1, 0)] = x[r, at:at + n - 1]
+        at += n
+    return out
+
+
+def pack_update_batch(batch: dict[str, np.ndarray], *, multiple: int = 1) -> dict[str, np.ndarray]:
+  """An unpacked update batch (tokens, valid, loss_mask [B, L] and next-token-aligned [B, T]
+  arrays such as adv, old_logp) as packed rows of the same length L: fewer rows, the same
+  per-token losses. Rows come in multiples of `multiple`."""
+  return RowLayout.of(batch["valid"], multiple).pack(batch)
 
 
 def logprob_gap(batch: dict[str, Any], logp_BT: jax.Array) -> float:

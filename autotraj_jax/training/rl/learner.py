@@ -24,8 +24,16 @@ from jax.sharding import Mesh
 from autotraj_jax.models import abstract_model
 from autotraj_jax.models.config import ModelConfig
 from autotraj_jax.tir.trajectory import Trajectory
+from autotraj_jax.training import packing
 from autotraj_jax.training.rl.advantages import AdvantageInputs, Advantages, estimate_advantages
-from autotraj_jax.training.rl.batch import logprob_gap, pick_bucket, rollout_batch, shifted_mask
+from autotraj_jax.training.rl.batch import (
+  RowLayout,
+  logprob_gap,
+  pack_update_batch,
+  pick_bucket,
+  rollout_batch,
+  shifted_mask,
+)
 from autotraj_jax.training.rl.config import RLConfig
 from autotraj_jax.training.rl.losses import kl_penalty
 from autotraj_jax.training.rl.objective import make_logprob_fn, make_policy_loss, make_value_fn, make_value_loss
@@ -82,11 +90,15 @@ class _Part:
     return meta
 
   def update(self, batch: dict[str, np.ndarray], minibatches: int) -> dict[str, float]:
-    """`minibatches` optimizer steps over `batch` in order; the mean of their metrics."""
+    """`minibatches` optimizer steps over `batch` in order (each minibatch packed into fewer rows
+    when the trainer packs); the mean of their metrics, with the update's padding fraction."""
     size = batch["tokens"].shape[0] // minibatches
     out: dict[str, float] = {}
     for i in range(minibatches):
       part = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
+      if self.trainer.cfg.pack:
+        part = pack_update_batch(part, multiple=self.trainer.packed_rows(size))
+      out["padding"] = out.get("padding", 0.0) + packing.padding_fraction(part) / minibatches
       self.state, m = self.trainer.train_step(self.state, self.trainer.device_batch(part))
       for k, v in jax.device_get(m).items():
         out[k] = out.get(k, 0.0) + float(v) / minibatches
@@ -185,7 +197,7 @@ class Learner:
                        f"({self.cfg.minibatches} minibatches of {minibatch}), got {len(trajs)} and {len(rewards)}")
     host = rollout_batch(trajs, length=pick_bucket(trajs, self.cfg.buckets), pad_id=self.pad_id)
     dev = {k: jnp.asarray(v) for k, v in host.items()}
-    rollout = self._score(dev, rewards, group_size)
+    rollout = self._score(host, dev, rewards, group_size)
     metrics = {"groups_kept": float(jnp.mean(rollout.adv.keep_B)), "logprob_gap": logprob_gap(dev, rollout.old_logp),
                "bucket": float(host["tokens"].shape[1])}
     if self.critic is not None:
@@ -197,13 +209,23 @@ class Learner:
       metrics.update(self._policy_update(host, rollout))
     return metrics
 
-  def _score(self, dev: dict[str, jax.Array], rewards: Sequence[float], group_size: int) -> "_Scored":
-    """Log-probs, values and advantages of the batch under the current params."""
+  def _score(self, host: dict[str, np.ndarray], dev: dict[str, jax.Array], rewards: Sequence[float],
+             group_size: int) -> "_Scored":
+    """Log-probs, values and advantages of the batch under the current params. When the policy
+    trainer packs, the forwards run on packed rows and come back as [B, T]."""
     obj = self.cfg.objective
-    old_logp = self._logprob_fn(self.policy.state.params, dev)
-    ref_logp = self._logprob_fn(self._ref, dev) if self._ref is not None else old_logp
+    layout = packed = None
+    if self.policy.trainer.cfg.pack:
+      layout = RowLayout.of(host["valid"], self.policy.trainer.packed_rows(len(host["valid"])))
+      packed = {k: jnp.asarray(v) for k, v in layout.pack(
+          {"tokens": host["tokens"], "valid": host["valid"], "loss_mask": host["loss_mask"]}).items()}
+
+    def forward(fn, params):
+      return fn(params, dev) if layout is None else jnp.asarray(layout.unpack_BT(fn(params, packed)))
+    old_logp = forward(self._logprob_fn, self.policy.state.params)
+    ref_logp = forward(self._logprob_fn, self._ref) if self._ref is not None else old_logp
     mask = shifted_mask(dev)
-    old_values = self._value_fn(self.critic.state.params, dev) if self.critic is not None else None
+    old_values = forward(self._value_fn, self.critic.state.params) if self.critic is not None else None
     inputs = AdvantageInputs(rewards_B=jnp.asarray(rewards, jnp.float32), group_size=group_size, mask_BT=mask,
                              kl_BT=kl_penalty(old_logp, ref_logp, obj.kl_kind), values_BT=old_values)
     return _Scored(old_logp, ref_logp, old_values, estimate_advantages(obj.advantage, inputs, obj))
@@ -214,7 +236,8 @@ class Learner:
                              "adv": np.asarray(rollout.adv.adv_BT), "old_logp": np.asarray(rollout.old_logp),
                              "ref_logp": np.asarray(rollout.ref_logp)}, self.cfg.minibatches)
     tokens = max(pm.get("tokens", 0.0), 1.0)
-    return {"loss": pm["loss"], "grad_norm": pm.get("grad_norm", 0.0), "kl": pm.get("kl_sum", 0.0) / tokens,
+    return {"loss": pm["loss"], "grad_norm": pm.get("grad_norm", 0.0), "update_padding": pm["padding"],
+            "kl": pm.get("kl_sum", 0.0) / tokens,
             "entropy": pm.get("entropy_sum", 0.0) / tokens, "clip_frac": pm.get("clipfrac_sum", 0.0) / tokens}
 
 

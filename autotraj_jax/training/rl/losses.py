@@ -15,46 +15,54 @@ import jax
 import jax.numpy as jnp
 
 from autotraj_jax.registry import Registry
+from autotraj_jax.training.packing import segment_sums
 
 # exp() of a log-ratio beyond this overflows or dominates the batch; clamp for stability.
 MAX_LOG_RATIO = 20.0
 
 # ---------------------------------------------------------------------------------------------
-# Aggregation: (masked fp32 values [B, L], float mask [B, L], max_len) -> (sum, count).
+# Aggregation: (masked fp32 values [B, L], float mask [B, L], max_len, sequence ids [B, L]) ->
+# (sum, count). A sequence is a (row, id) pair: one per row unpacked, several in a packed row.
 
-AggregateFn = Callable[[jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]]
+AggregateFn = Callable[[jax.Array, jax.Array, int, jax.Array], tuple[jax.Array, jax.Array]]
 AGGREGATIONS: Registry[AggregateFn] = Registry("aggregation")
 register_aggregation = AGGREGATIONS.register
 
 
 @register_aggregation("token-mean")
-def _token_mean(v: jax.Array, m: jax.Array, max_len: int) -> tuple[jax.Array, jax.Array]:
+def _token_mean(v: jax.Array, m: jax.Array, max_len: int, seq: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Every model token weighs the same: long answers weigh more."""
   return jnp.sum(v), jnp.sum(m)
 
 
 @register_aggregation("seq-mean-token-mean")
-def _seq_mean_token_mean(v: jax.Array, m: jax.Array, max_len: int) -> tuple[jax.Array, jax.Array]:
+def _seq_mean_token_mean(v: jax.Array, m: jax.Array, max_len: int, seq: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Every sequence weighs the same: the mean of its tokens, averaged over sequences."""
-  tokens_B = jnp.sum(m, axis=-1)
-  return jnp.sum(jnp.sum(v, axis=-1) / jnp.maximum(tokens_B, 1.0)), jnp.sum((tokens_B > 0).astype(jnp.float32))
+  tokens = segment_sums(m, seq)
+  return jnp.sum(segment_sums(v, seq) / jnp.maximum(tokens, 1.0)), jnp.sum((tokens > 0).astype(jnp.float32))
 
 
 @register_aggregation("seq-mean-token-sum-norm")
-def _seq_mean_token_sum_norm(v: jax.Array, m: jax.Array, max_len: int) -> tuple[jax.Array, jax.Array]:
+def _seq_mean_token_sum_norm(v: jax.Array, m: jax.Array, max_len: int, seq: jax.Array
+                             ) -> tuple[jax.Array, jax.Array]:
   """Dr. GRPO: token sums over a constant `max_len`, averaged over sequences (no length bias)."""
-  tokens_B = jnp.sum(m, axis=-1)
-  return jnp.sum(v) / float(max_len), jnp.sum((tokens_B > 0).astype(jnp.float32))
+  return jnp.sum(v) / float(max_len), jnp.sum((segment_sums(m, seq) > 0).astype(jnp.float32))
+
+
+def sequence_ids(mask_BL: jax.Array, seq_BL: jax.Array | None) -> jax.Array:
+  """The sequence id of every position: `seq_BL` when packed, else 1 (one sequence per row)."""
+  return jnp.ones(jnp.shape(mask_BL), jnp.int32) if seq_BL is None else jnp.asarray(seq_BL, jnp.int32)
 
 
 def aggregate_tokens(values_BL: jax.Array, mask_BL: jax.Array, agg: str = "token-mean",
-                     max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+                     max_len: int | None = None, seq_BL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """(sum, count) of per-token values under the registered mode `agg`, so that sum / count,
   accumulated over micro-batches, is the exact aggregate.
 
   `max_len` (default L) is the constant of length-normalised modes; pass it when micro-batches
-  are padded to different lengths, or the split changes the result. Values at mask-0 positions
-  are ignored, even if they are inf or NaN.
+  are padded to different lengths, or the split changes the result. `seq_BL` gives each
+  position's sequence within its row in packed batches (default: one sequence per row). Values
+  at mask-0 positions are ignored, even if they are inf or NaN.
   """
   fn = AGGREGATIONS.lookup(agg)
   norm = int(jnp.shape(mask_BL)[-1] if max_len is None else max_len)
@@ -62,7 +70,7 @@ def aggregate_tokens(values_BL: jax.Array, mask_BL: jax.Array, agg: str = "token
     raise ValueError(f"max_len must be positive, got {max_len}")
   mask = jnp.asarray(mask_BL).astype(bool)
   v = jnp.where(mask, jnp.asarray(values_BL, jnp.float32), 0.0)
-  return fn(v, mask.astype(jnp.float32), norm)
+  return fn(v, mask.astype(jnp.float32), norm, sequence_ids(mask, seq_BL))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +78,8 @@ def aggregate_tokens(values_BL: jax.Array, mask_BL: jax.Array, agg: str = "token
 
 def policy_loss(logp_BL: jax.Array, old_logp_BL: jax.Array, adv: jax.Array, mask_BL: jax.Array, *,
                 clip_low: float = 0.2, clip_high: float = 0.2, agg: str = "token-mean",
-                max_len: int | None = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+                max_len: int | None = None, seq_BL: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """PPO clipped surrogate, -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A).
 
   `adv` is per token [B, L] or per sequence [B] (broadcast over the tokens). Separate low/high
@@ -92,14 +101,14 @@ def policy_loss(logp_BL: jax.Array, old_logp_BL: jax.Array, adv: jax.Array, mask
   clipped = -a * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
   is_clipped = clipped > unclipped  # the pessimistic branch is the flat, clipped one
   loss_BL = jnp.where(is_clipped, clipped, unclipped)
-  loss_sum, count = aggregate_tokens(loss_BL, mask, agg, max_len)
+  loss_sum, count = aggregate_tokens(loss_BL, mask, agg, max_len, seq_BL)
 
   m = mask.astype(jnp.float32)
   sg_ratio = jax.lax.stop_gradient(ratio)
   sg_log_ratio = jax.lax.stop_gradient(log_ratio)
   aux = {
     "tokens": jnp.sum(m),
-    "seqs": jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32)),
+    "seqs": jnp.sum((segment_sums(m, sequence_ids(m, seq_BL)) > 0).astype(jnp.float32)),
     "clipfrac_sum": jnp.sum(is_clipped * m),
     "clipfrac_high_sum": jnp.sum((is_clipped & (a > 0)) * m),
     "clipfrac_low_sum": jnp.sum((is_clipped & (a < 0)) * m),

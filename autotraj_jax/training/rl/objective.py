@@ -7,18 +7,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from autotraj_jax.models.decoder import causal_mask
+from autotraj_jax.training import packing
 from autotraj_jax.training.losses import token_logprobs
 from autotraj_jax.training.rl import losses
 from autotraj_jax.training.rl.batch import shifted_mask
 from autotraj_jax.training.rl.config import RLConfig
-from autotraj_jax.training.sft import positions_from_valid
 
 
 def forward(model, batch):
-  """The model on tokens[:, :-1]: outputs at j predict token j + 1."""
-  tokens, valid = batch["tokens"], batch["valid"]
-  return model(tokens[:, :-1], positions_from_valid(valid)[:, :-1], causal_mask(valid[:, :-1]))
+  """The model on tokens[:, :-1]: outputs at j predict token j + 1 (packed rows too)."""
+  return model(*packing.model_inputs(batch))
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef):
@@ -43,9 +41,9 @@ def make_value_fn(graphdef: nnx.GraphDef):
 def make_policy_loss(graphdef: nnx.GraphDef, cfg: RLConfig):
   """loss_fn(params, batch, rng) -> (sum, count, aux) of the clipped surrogate (+ KL, - entropy).
 
-  batch: tokens, valid, loss_mask [B, L]; adv [B, T]; old_logp, ref_logp [B, T]. The KL and
-  entropy terms are aggregated like the policy loss, so sum / count stays exact under
-  gradient accumulation.
+  batch: tokens, valid, loss_mask [B, L]; adv [B, T]; old_logp, ref_logp [B, T]; segment_ids
+  [B, L] when packed (`pack_update_batch`). The KL and entropy terms are aggregated like the
+  policy loss, so sum / count stays exact under gradient accumulation.
   """
 
   def loss_fn(params, batch, rng):
@@ -54,16 +52,17 @@ def make_policy_loss(graphdef: nnx.GraphDef, cfg: RLConfig):
     mask = shifted_mask(batch)
     logp = token_logprobs(logits, batch["tokens"][:, 1:])
     max_len = mask.shape[-1]
+    seq = packing.segments(batch)[:, 1:]
     s, c, aux = losses.policy_loss(logp, batch["old_logp"], batch["adv"], mask, clip_low=cfg.clip_low,
-                                   clip_high=cfg.clip_high, agg=cfg.agg, max_len=max_len)
+                                   clip_high=cfg.clip_high, agg=cfg.agg, max_len=max_len, seq_BL=seq)
     kl = losses.kl_penalty(logp, batch["ref_logp"], cfg.kl_kind)
     aux["kl_sum"] = jax.lax.stop_gradient(jnp.sum(jnp.where(mask > 0, kl, 0.0)))
     if cfg.kl_coef and not cfg.kl_in_reward:
-      s = s + cfg.kl_coef * losses.aggregate_tokens(kl, mask, cfg.agg, max_len)[0]
+      s = s + cfg.kl_coef * losses.aggregate_tokens(kl, mask, cfg.agg, max_len, seq)[0]
     ent = losses.entropy_from_logits(logits)
     aux["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(ent * mask))
     if cfg.entropy_coef:
-      s = s - cfg.entropy_coef * losses.aggregate_tokens(ent, mask, cfg.agg, max_len)[0]
+      s = s - cfg.entropy_coef * losses.aggregate_tokens(ent, mask, cfg.agg, max_len, seq)[0]
     return s, c, aux
 
   return loss_fn
