@@ -2,7 +2,9 @@
 
 One JSON object a line: `id, question, answer, dataset, split, domain` (the files under
 `shared/data/benchmarks/` and the generated world's splits). `answer` is the gold: a string, or
-a non-empty list of acceptable strings. Every problem is reported as `file:line: field ...`
+a non-empty list of acceptable strings. An optional difficulty level, `difficulty` (the task
+world's int) or `level` (MATH-style, `"Level 3"` or `3`), becomes `Query.level` so evaluations
+can report accuracy per level. Every problem is reported as `file:line: field ...`
 before a model is loaded, so a bad line costs seconds, not an evaluation.
 
 Kept light on purpose (no JAX, no TensorFlow Datasets): evaluation and the pipeline import it.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Iterable
 
@@ -40,12 +43,14 @@ Gold = str | tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Query:
-  """One question to roll out. `gold` is one answer or a tuple of acceptable ones."""
+  """One question to roll out. `gold` is one answer or a tuple of acceptable ones; `level` is the
+  question's difficulty level as text ('' when the file gives none)."""
 
   id: str
   question: str
   gold: Gold | None = None
   domain: str = "math"
+  level: str = ""
 
   def __post_init__(self):
     if isinstance(self.gold, list):  # JSON gives lists; a frozen record keeps a tuple
@@ -112,12 +117,36 @@ def _domain(value: Any, where: str, name: str) -> str:
   return value
 
 
+LEVEL_FIELDS: tuple[str, ...] = ("difficulty", "level")  # the first one a record has is its level
+_LEVEL_PREFIX = re.compile(r"^level\s*", re.IGNORECASE)
+
+
+def _level_text(value: Any, where: str, name: str) -> str:
+  """An int level or a string one; MATH's 'Level 3' is '3', so every file names levels alike."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return str(value)
+  if value is None:
+    return ""
+  if not isinstance(value, str):
+    raise fail(where, name, "an int or a string", value)
+  return _LEVEL_PREFIX.sub("", value.strip())
+
+
+def _level(record: dict, where: str) -> str:
+  """The record's level ('' when it has none): `difficulty` (task world) first, else `level`."""
+  for name in LEVEL_FIELDS:
+    if name in record:
+      return field(record, name, _level_text, where)
+  return ""
+
+
 def _query(record: Any, where: str) -> tuple[Query, str]:
   as_object(record, where, "a question object")
   for name in ("dataset", "split"):
     field(record, name, is_str, where)
   q = Query(id=field(record, "id", _non_empty_str, where), question=field(record, "question", _non_empty_str, where),
-            gold=field(record, "answer", _answer, where), domain=field(record, "domain", _domain, where))
+            gold=field(record, "answer", _answer, where), domain=field(record, "domain", _domain, where),
+            level=_level(record, where))
   return q, where
 
 
@@ -144,4 +173,4 @@ def load_questions(path: str | os.PathLike, limit: int | None = None) -> list[Qu
   return queries[:limit] if limit else queries
 
 
-__all__ = ["Gold", "KNOWN_DOMAINS", "QA_FIELDS", "Query", "load_questions", "read_jsonl"]
+__all__ = ["Gold", "KNOWN_DOMAINS", "LEVEL_FIELDS", "QA_FIELDS", "Query", "load_questions", "read_jsonl"]

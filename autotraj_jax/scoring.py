@@ -127,6 +127,17 @@ def repetition(traj, group, cfg) -> Score:
   return Score(value, f"{repeated} repeated trigram occurrences" if repeated else "")
 
 
+def repeated_tool_calls(traj: Trajectory) -> list[int]:
+  """Indices of tool calls identical (tool and whitespace-normalised input) to an earlier call."""
+  seen, out = set(), []
+  for i, call in enumerate(traj.tool_calls):
+    key = (call.tool, " ".join(call.input.split()))
+    if key in seen:
+      out.append(i)
+    seen.add(key)
+  return out
+
+
 @register_scorer("tool_use")
 def tool_use(traj, group, cfg) -> Score:
   """0.25 off per failed call, identical repeated call, or call made after a tool result already
@@ -139,15 +150,13 @@ def tool_use(traj, group, cfg) -> Score:
   reasoning. Data whose tasks do not all need a tool turns it off with `answer_needs_tool=False`.
   """
   problems = []
-  seen = set()
+  repeated = set(repeated_tool_calls(traj))
   answer_known = False
-  for call in traj.tool_calls:
+  for i, call in enumerate(traj.tool_calls):
     if answer_known:
       problems.append(f"{call.tool} call after the answer was known")
-    key = (call.tool, " ".join(call.input.split()))
-    if key in seen:
+    if i in repeated:
       problems.append(f"repeated identical {call.tool} call")
-    seen.add(key)
     if not call.ok:
       problems.append(f"failed {call.tool} call: {(call.error or call.output)[:60]}")
     if traj.answer and call.ok and _contains_answer(call.output, traj.answer):

@@ -2,6 +2,8 @@
 
 The repairer sees the question, the low-quality trajectory and what the scorers found wrong
 (and, if configured, the gold answer), then writes a new trajectory through the real tool loop.
+With `context="question"` it sees the question alone, as in the authors' code: the ablation that
+shows what seeing the trajectory buys.
 A repair is accepted when it is correct, clears the threshold and the scoring floors and, for a
 correct-but-low-quality original, beats its score; each (repair, original) becomes a preference
 pair. After `attempts` failures the last repair is kept as a hard case with the reasons it failed.
@@ -24,6 +26,7 @@ from autotraj_jax.tir.trajectory import RepairRecord, Trajectory
 class RepairConfig:
   attempts: int = 2
   show_gold: bool = False
+  context: str = "trajectory"            # what the repairer sees: "trajectory" or "question" (only)
   accept_threshold: float = 0.86         # for correct-but-low-quality originals
   accept_threshold_wrong: float = 0.8    # for wrong-answer originals
   require_improvement: bool = True       # a low-quality original's total must be beaten
@@ -103,7 +106,7 @@ def repair(backend, tokenizer, tools: Mapping[str, Tool], originals: Sequence[Tr
     queries = [Query(id=o.id, question=o.question, gold=o.gold, domain=o.domain) for o in pending]
 
     def build(q: Query) -> list[int]:
-      return prompts.chat_ids(tokenizer, prompts.repair_messages(by_id[q.id], cfg.show_gold))
+      return prompts.chat_ids(tokenizer, prompts.repair_messages(by_id[q.id], cfg.show_gold, cfg.context))
 
     trajs = run_rollouts(backend, tokenizer, queries, tools, rcfg, id_prefix="", prompt_builder=build,
                          progress=progress, provenance={"source": "repaired"})

@@ -2,7 +2,9 @@
 
 Each reads and writes files in the work directory; generation and repair append one finished
 unit (a query's K candidates, one original's repair record) per JSONL line group and resume by id,
-so a killed run loses at most the unit in flight and never duplicates a record.
+so a killed run loses at most the unit in flight and never duplicates a record. `repair:NAME`
+repairs the same originals with `config.repair_variants[NAME]` on top into `repairs_NAME.jsonl`, and
+`datasets:NAME` builds `sft_NAME.jsonl`, `pairs_NAME.jsonl` from it; the plain stages' files are untouched.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 
 from autotraj_jax import scoring
 from autotraj_jax.pipeline import builders
+from autotraj_jax.pipeline.config import ConfigError
 from autotraj_jax.pipeline.runner import Stage
 from autotraj_jax.pipeline.workdir import Workdir
 from autotraj_jax.tir import records
@@ -69,15 +72,21 @@ def score_stage(config, wd: Workdir) -> None:
   records.write_jsonl(wd.path("scored.jsonl"), scored)
 
 
-def repair_stage(config, wd: Workdir) -> None:
+def named(stem: str, variant: str, ext: str = ".jsonl") -> str:
+  """A stage-1 file of a variant: `repairs.jsonl` for the plain stage, `repairs_NAME.jsonl` for NAME."""
+  return f"{stem}_{variant}{ext}" if variant else f"{stem}{ext}"
+
+
+def repair_stage(config, wd: Workdir, variant: str = "") -> None:
   """One JSONL line per repaired original (accepted repair or hard case with reasons)."""
-  node = config.repair
+  node = builders.variant_node(config, "repair", variant) if variant else config.repair
+  stage = f"repair:{variant}" if variant else "repair"
   scored = list(iter_trajectories(wd.path("scored.jsonl")))
   todo_all = repair_queue(scored, node.max_originals)
-  out = wd.path("repairs.jsonl")
+  out = wd.path(named("repairs", variant))
   _, done = records.resume(out, lambda d, where: RepairRecord.from_dict(d, where), key=lambda r: r.original_id)
   todo = [t for t in todo_all if t.id not in done]
-  log.info("repair: %d done, %d to go", len(done), len(todo))
+  log.info("%s: %d done, %d to go", stage, len(done), len(todo))
   if not todo:
     return
   tokenizer, backend = builders.make_backend(config, wd, "repairer")
@@ -86,7 +95,7 @@ def repair_stage(config, wd: Workdir) -> None:
   score_cfg = builders.scoring_config(config)
   try:
     with records.JsonlAppender(out) as w, \
-        tqdm(total=len(todo_all), initial=len(done), desc="repair", unit="orig", dynamic_ncols=True) as bar:
+        tqdm(total=len(todo_all), initial=len(done), desc=stage, unit="orig", dynamic_ncols=True) as bar:
       for i in range(0, len(todo), node.chunk):
         for outcome in repair(backend, tokenizer, tools, todo[i:i + node.chunk], score_cfg, rcfg,
                               model_name=config.repairer.name):
@@ -96,18 +105,21 @@ def repair_stage(config, wd: Workdir) -> None:
     builders.close_tools(tools)
 
 
-def datasets_stage(config, wd: Workdir) -> None:
+def datasets_stage(config, wd: Workdir, variant: str = "") -> None:
   """The SFT set, the preference pairs, the hard cases and the stage-1 report."""
+  if variant and variant not in config.repair_variants:
+    raise ConfigError(f"config.stages: 'datasets:{variant}' names no entry of config.repair_variants "
+                      f"({', '.join(sorted(config.repair_variants))})")
   scored = list(iter_trajectories(wd.path("scored.jsonl")))
-  path = wd.path("repairs.jsonl")
+  path = wd.path(named("repairs", variant))
   repairs = list(iter_repairs(path)) if os.path.exists(path) else []
   sft, pairs = build.build_sft_and_pairs(scored, repairs)
-  records.write_jsonl(wd.path("sft.jsonl"), sft)
-  records.write_jsonl(wd.path("pairs.jsonl"), pairs)
-  records.write_jsonl(wd.path("hard_cases.jsonl"), [r for r in repairs if not r.accepted])
+  records.write_jsonl(wd.path(named("sft", variant)), sft)
+  records.write_jsonl(wd.path(named("pairs", variant)), pairs)
+  records.write_jsonl(wd.path(named("hard_cases", variant)), [r for r in repairs if not r.accepted])
   summary = build.stats(scored, repairs, sft, pairs)
-  build.write_report(wd.path("report"), scored, summary)
-  log.info("datasets: %s", json.dumps(summary))
+  build.write_report(wd.path(named("report", variant, "")), scored, summary)
+  log.info("%s: %s", f"datasets:{variant}" if variant else "datasets", json.dumps(summary))
 
 
 _SERVING = ("backend", "sglang.urls", "engine", "mesh", "tools", "model.tokenizer_dir", "seed")
@@ -122,9 +134,10 @@ STAGES: dict[str, Stage] = {
     "score": Stage(score_stage, reads=lambda c, v: ("scoring",), inputs=lambda c, v: ("candidates.jsonl",),
                    outputs=lambda c, v: ("scored.jsonl",)),
     "repair": Stage(
-        repair_stage, reads=lambda c, v: ("repair", "repairer", "scoring", *_SERVING),
-        inputs=lambda c, v: ("scored.jsonl",), outputs=lambda c, v: ("repairs.jsonl",)),
+        repair_stage, reads=lambda c, v: ("repair", *((f"repair_variants.{v}",) if v else ()), "repairer", "scoring",
+                                          *_SERVING),
+        inputs=lambda c, v: ("scored.jsonl",), outputs=lambda c, v: (named("repairs", v),)),
     "datasets": Stage(
-        datasets_stage, inputs=lambda c, v: ("scored.jsonl", "repairs.jsonl"),
-        outputs=lambda c, v: ("sft.jsonl", "pairs.jsonl", "hard_cases.jsonl", "report")),
+        datasets_stage, inputs=lambda c, v: ("scored.jsonl", named("repairs", v)),
+        outputs=lambda c, v: (named("sft", v), named("pairs", v), named("hard_cases", v), named("report", v, ""))),
 }

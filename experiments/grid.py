@@ -16,9 +16,11 @@ Writes, under DIR:
 - `<run>/`: the run's work directory (`seed0`, or `rl.kl_coef=0.1__seed0` with a grid), with its
   `results.json` from the `results` stage; `logs/<run>.log`: the run's stdout and stderr.
 - `grid.json`: the runs (command, status, wall time) and, per override combination, mean, sample
-  std and n over seeds of every metric of every results row.
-- `grid.md`: the runs, then one table per override combination: variants x (accuracy, format
-  errors, tool calls, mean length) as "mean ± std".
+  std and n over seeds of every metric of every results row (per-level accuracy `accuracy@level<L>`
+  and the behaviour rates included) and of every adjacent-row comparison.
+- `grid.md`: the runs, then one table per override combination: variants x (accuracy, HQ@1,
+  format errors, tool calls, mean length, then accuracy per level and the behaviour rates where
+  the runs have them) as "mean ± std".
 
 A failed run is recorded and the others still run. Rerunning skips runs whose `results.json`
 exists; an unfinished run resumes where it stopped (the pipeline resumes its stages).
@@ -41,7 +43,14 @@ from typing import Any, Callable, Mapping, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from autotraj_jax.pipeline.results import COLUMNS, MAIN, NON_METRIC_KEYS, formatter  # noqa: E402
+from autotraj_jax.pipeline.results import (  # noqa: E402
+  BEHAVIOUR_RATES,
+  COLUMNS,
+  MAIN,
+  NON_METRIC_KEYS,
+  formatter,
+  level_columns,
+)
 
 DEFAULT_MAIN = os.path.join(ROOT, "experiments", "main.py")
 
@@ -220,6 +229,15 @@ def _cell(stats: Mapping[str, Any] | None, fmt: Callable[[float], str], seeds: i
   return text if stats["n"] == seeds or stats["std"] is None else f"{text} (n={stats['n']})"
 
 
+def group_columns(group: Mapping[str, Any]) -> list[tuple[str, str, Callable[[float], str]]]:
+  """(metric, header, format) of a group's table: the main columns always, then accuracy per level
+  and the behaviour rates that some row of the group has."""
+  present = {k for r in group["rows"] for k in r["metrics"]}
+  headers = {k: h for k, h, _ in COLUMNS}
+  extra = level_columns(present) + [k for k in BEHAVIOUR_RATES if k in present]
+  return list(COLUMNS[:MAIN]) + [(k, headers.get(k, k), formatter(k)) for k in extra]
+
+
 def render_markdown(groups: Sequence[Mapping[str, Any]], statuses: Sequence[Mapping[str, Any]],
                     header: str = "") -> str:
   from autotraj_jax.eval import markdown_table
@@ -234,8 +252,8 @@ def render_markdown(groups: Sequence[Mapping[str, Any]], statuses: Sequence[Mapp
     failed = [s["run"] for s in statuses if s["status"] == "failed" and s["overrides"] == g["overrides"]]
     if failed:
       lines += [f"Failed, not included: {', '.join(failed)}.", ""]
-    table = [{"variant": r["label"],
-              **{h: _cell(r["metrics"].get(k), fmt, seeds) for k, h, fmt in COLUMNS[:MAIN]}} for r in g["rows"]]
+    table = [{"variant": r["label"], **{h: _cell(r["metrics"].get(k), fmt, seeds) for k, h, fmt in group_columns(g)}}
+             for r in g["rows"]]
     lines.append(markdown_table(table) if table else "No results.\n")
     if g.get("comparisons"):
       lines += ["Differences between adjacent rows: mean ± std over seeds of the per-seed difference, and each "

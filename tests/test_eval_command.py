@@ -29,9 +29,9 @@ def write(path, rows):
 def test_eval_command_on_unseen_files_writes_one_table(tmp_path):
   a = write(tmp_path / "toy-test.jsonl", [
       {"id": "a1", "question": "What is 123 times 45?", "answer": "5535", "dataset": "toy", "split": "test",
-       "domain": "math"},
+       "domain": "math", "level": "Level 2"},
       {"id": "a2", "question": "What is 7 + 8?", "answer": ["15", "15.0"], "dataset": "toy", "split": "test",
-       "domain": "math"},
+       "domain": "math", "level": "Level 1"},
       {"id": "a3", "question": "Compute " + " + ".join(["12345"] * 700) + ".", "answer": "8641500",
        "dataset": "toy", "split": "test", "domain": "math"}])  # longer than the largest prompt bucket
   b = write(tmp_path / "other.jsonl", [
@@ -46,8 +46,14 @@ def test_eval_command_on_unseen_files_writes_one_table(tmp_path):
   assert rows["toy-test"]["prompt_too_long"] == 1
   for r in rows.values():
     assert 0.0 <= r["pass@1"] <= 1.0 and "format_error_rate" in r and "tool_calls_per_question" in r
+    low, high = r["pass@1_ci95"]
+    assert 0.0 <= low <= r["pass@1"] <= high <= 1.0
+    assert 0.0 <= r["repeated_tool_call_rate"] <= 1.0 and 0.0 <= r["failed_tool_call_rate"] <= 1.0
+  assert rows["toy-test"]["questions_by_level"] == {"1": 1, "2": 1}  # a3 has no level
+  assert set(rows["toy-test"]["accuracy_by_level"]) == {"1", "2"} and "accuracy_by_level" not in rows["other"]
   md = (tmp_path / "run" / "eval" / "results.md").read_text()
   assert "| toy-test |" in md and "| other |" in md
+  assert "| pass@1 95% CI |" in md and "| accuracy@level1 | accuracy@level2 |" in md
   assert "knowledge questions but no search tool" in proc.stderr
 
 

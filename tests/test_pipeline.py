@@ -53,11 +53,16 @@ def test_smoke_run_writes_every_artifact(smoke_run):
   assert sorted(os.listdir(wd / ".done")) == sorted(stages)
   results = json.loads((wd / "results.json").read_text())
   rows = results["rows"]
-  assert [r["name"] for r in rows] == ["base", "sft_high_only", "sft_autotraj", "rl_outcome_format", "rl_autotraj"]
+  assert [r["name"] for r in rows] == ["base", "sft_high_only", "sft_autotraj_question", "sft_autotraj",
+                                       "rl_outcome_format", "rl_autotraj"]
   for r in rows:
     assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["hq_at_1"] <= r["accuracy"], r
-  assert {(c["a"], c["b"], c["metric"]) for c in results["comparisons"]} == {
-      (a["name"], b["name"], m) for a, b in zip(rows, rows[1:]) for m in ("accuracy", "hq_at_1")}
+  adjacent = {(a["name"], b["name"]) for a, b in zip(rows, rows[1:])}
+  got = {(c["a"], c["b"], c["metric"]) for c in results["comparisons"]}
+  assert {(a, b, m) for a, b in adjacent for m in ("accuracy", "hq_at_1")} <= got
+  assert all((a, b) in adjacent and (m in ("accuracy", "hq_at_1") or m.startswith("accuracy@level"))
+             for a, b, m in got)
+  assert any(m.startswith("accuracy@level") for _, _, m in got)  # task-world questions carry their level
   for c in results["comparisons"]:
     assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
   rm = json.loads((wd / "rm" / "eval.json").read_text())
@@ -66,7 +71,7 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert not r["missing"], r
   assert rm["trained"] and rm["train_pairs"] >= config["rm"]["batch_size"], rm
   assert (wd / "rm" / "hf" / "config.json").exists()
-  for model in ("sft_high_only", "sft_autotraj", "rm", "rl_outcome_format", "rl_autotraj"):
+  for model in ("sft_high_only", "sft_autotraj_question", "sft_autotraj", "rm", "rl_outcome_format", "rl_autotraj"):
     assert not (wd / model / "skipped.json").exists(), model
   rl_logs = [json.loads(line) for line in open(wd / "rl_autotraj" / "logs" / "metrics.jsonl")]
   assert rl_logs and all("reward/rm" in r for r in rl_logs)  # the RM really scored the rollouts

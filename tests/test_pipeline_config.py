@@ -134,3 +134,28 @@ def test_distributed_flag_is_accepted():
   c.workdir = "/tmp/w"
   C.validate(c)
   assert c.distributed is True
+
+
+def test_the_demo_runs_the_question_only_repairer_and_trains_on_it_after_autotraj_sft():
+  import importlib.util
+  for name in ("demo.py", "smoke.py"):
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "experiments", "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stages = list(module.get_config().stages)
+    assert stages.index("datasets") < stages.index("repair:question") < stages.index("datasets:question")
+    at = stages.index("eval:sft_autotraj")
+    assert stages[at + 1:at + 3] == ["sft:autotraj_question", "eval:sft_autotraj_question"], name
+
+
+def test_a_field_added_since_a_stage_ran_is_unchanged_at_its_default():
+  """Old workdirs keep working when the schema grows: a field the done-marker's fingerprint lacks
+  counts as changed only when it is set away from its default, and the message names the field."""
+  from autotraj_jax.pipeline import runner
+  new = {"values": {"sft": {"learning_rate": 3e-4, "pack": True}}, "files": {}}
+  old = {"values": {"sft": {"learning_rate": 3e-4}}, "files": {}}
+  assert runner._changes(old, new) == []
+  off = {"values": {"sft": {"learning_rate": 3e-4, "pack": False}}, "files": {}}
+  assert runner._changes(old, off) == ["config field sft.pack changed ('<unset>' -> False)"]
+  lr = {"values": {"sft": {"learning_rate": 1e-3, "pack": True}}, "files": {}}
+  assert runner._changes(old, lr) == ["config field sft.learning_rate changed (0.0003 -> 0.001)"]

@@ -39,6 +39,26 @@ def test_last_line_without_newline_is_a_question(tmp_path):
   assert [q.id for q in load_questions(path)] == ["q-0", "q-1"]
 
 
+def test_level_comes_from_difficulty_or_level(tmp_path):
+  rows = [row(0, difficulty=2, family="arith", solution="{}"), row(1, level="Level 3"), row(2, level=4), row(3),
+          row(4, difficulty=1, level="Level 5"), row(5, level=" 2 "), row(6, level=None)]
+  qs = load_questions(write(tmp_path / "q.jsonl", rows))
+  assert [q.level for q in qs] == ["2", "3", "4", "", "1", "2", ""]  # difficulty wins over level
+  assert qs[3] == Query(id="q-3", question="What is 3+3?", gold="6", domain="math")  # no level: as before
+  assert Query("a", "b", "c", "math").level == ""  # positional callers are unchanged
+
+
+def test_task_world_split_carries_its_difficulty_levels(tmp_path):
+  from autotraj_jax.taskworld.task import RECORD_FIELDS
+  from autotraj_jax.taskworld.world import write_world
+  path = write_world(tmp_path / "world", 0, {"test": 30})["test"]
+  records = [json.loads(line) for line in path.read_text().splitlines()]
+  assert "difficulty" in RECORD_FIELDS and all(isinstance(r["difficulty"], int) for r in records)
+  qs = load_questions(path)
+  assert [q.level for q in qs] == [str(r["difficulty"]) for r in records]
+  assert len({q.level for q in qs}) > 1
+
+
 BAD = [
     ([row(0)], b"{not json\n", r"q\.jsonl:2: invalid JSON"),
     ([row(0)], b'{"id": "caf\xe9"}\n', r"q\.jsonl:2: not UTF-8"),
@@ -56,6 +76,9 @@ BAD = [
      r"q\.jsonl:2: field domain is 'poetry', not a known domain \(code, knowledge, math, qa\)"),
     ([row(0), row(1), row(0)], b"", r"q\.jsonl:3: field id 'q-0' repeats the id of .*q\.jsonl:1$"),
     ([], b"\n\n", r"q\.jsonl: no questions"),
+    ([row(0), row(1, difficulty=1.5)], b"", r"q\.jsonl:2: field difficulty must be an int or a string, got float"),
+    ([row(0, level=["3"])], b"", r"q\.jsonl:1: field level must be an int or a string, got list"),
+    ([row(0, level=True)], b"", r"q\.jsonl:1: field level must be an int or a string, got bool"),
 ]
 
 

@@ -265,3 +265,103 @@ def test_grid_end_to_end_with_fake_main(tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert proc.stdout.count("already done, skipped") == 5 and "lr=2__seed1: FAILED" in proc.stdout
   assert (out / "lr=1__seed0" / "calls.txt").read_text() == "x"
+
+
+LEVELS = ["1", "1", "1", "1", "2", "2", "2", "2", "3", "3"]
+
+
+def _eval_with_levels(wd, name, correct, levels, **extra):
+  """eval/<name>.json and its trajectories: question i at levels[i] ('' = not recorded), correct[i] in {0, 1}."""
+  from autotraj_jax.eval import level_metrics
+  from autotraj_jax.tir.records import write_jsonl
+  from autotraj_jax.tir.trajectory import Trajectory
+  trajs = [Trajectory(id=f"eval/q{i}#0", question_id=f"q{i}", question="?", prompt_ids=[1], gold="1",
+                      scores={"correctness": float(c)}, quality="high" if c else "wrong",
+                      provenance={"source": "generated", **({"level": lv} if lv else {})})
+           for i, (c, lv) in enumerate(zip(correct, levels))]
+  write_jsonl(wd.path("eval", f"{name}.trajectories.jsonl"), trajs)
+  metrics = {**_metrics(sum(correct) / len(correct)), "questions": len(correct), **extra,
+             **level_metrics(levels, [float(c) for c in correct])}
+  with open(wd.path("eval", f"{name}.json"), "w") as f:
+    json.dump(metrics, f)
+
+
+def test_results_rows_have_interval_levels_and_rates_and_level_comparisons(tmp_path):
+  from autotraj_jax.stats import wilson_interval
+  wd = Workdir(str(tmp_path / "run"))
+  os.makedirs(wd.path("eval"))
+  _eval_with_levels(wd, "base", [1, 1, 0, 0, 1, 0, 0, 0, 1, 0], LEVELS,
+                    repeated_tool_call_rate=0.3, failed_tool_call_rate=0.2, hedging_rate=0.1)
+  # rl's eval did not record level 3 (an older eval): no level-3 comparison can be made
+  _eval_with_levels(wd, "rl", [1, 1, 1, 1, 1, 1, 0, 0, 1, 0], LEVELS[:8] + ["", ""],
+                    repeated_tool_call_rate=0.0, failed_tool_call_rate=0.1, hedging_rate=0.0)
+  results_stage(_config(rows=(("base policy", "base"), ("RL", "rl"))), wd)
+  data = json.loads(open(wd.path("results.json")).read())
+  base, rl = data["rows"]
+  assert base["accuracy"] == pytest.approx(0.4) and base["accuracy_ci95"] == pytest.approx(wilson_interval(4, 10))
+  assert base["accuracy_by_level"] == {"1": 0.5, "2": 0.25, "3": 0.5}
+  assert base["questions_by_level"] == {"1": 4, "2": 4, "3": 2}
+  assert base["accuracy_by_level_ci95"]["3"] == pytest.approx(wilson_interval(1, 2))
+  assert (base["accuracy@level1"], base["accuracy@level2"], base["accuracy@level3"]) == (0.5, 0.25, 0.5)
+  assert rl["accuracy@level1"] == 1.0 and "accuracy@level3" not in rl
+  assert base["repeated_tool_call_rate"] == 0.3 and rl["failed_tool_call_rate"] == 0.1
+  assert base["hq_at_1"] == 0.2 and base["missing"] is False  # the existing fields stay
+
+  comps = {c["metric"]: c for c in data["comparisons"]}
+  assert list(comps) == ["accuracy", "hq_at_1", "accuracy@level1", "accuracy@level2"]
+  expected = {"accuracy": (0.3, 10), "hq_at_1": (0.3, 10), "accuracy@level1": (0.5, 4), "accuracy@level2": (0.25, 4)}
+  for metric, (diff, n) in expected.items():
+    c = comps[metric]
+    assert set(c) == {"a", "b", "metric", "diff", "ci95", "n"} and (c["a"], c["b"]) == ("base", "rl")
+    assert c["diff"] == pytest.approx(diff) and c["n"] == n
+    low, high = c["ci95"]
+    assert low <= c["diff"] <= high and low < high, metric
+
+  md = open(wd.path("results.md")).read()
+  header = next(line for line in md.splitlines() if line.startswith("| variant |"))
+  assert "| accuracy 95% CI | accuracy@level1 | accuracy@level2 | accuracy@level3 |" in header
+  assert "| repeated tool calls | failed tool calls |" in header
+  lo, hi = wilson_interval(4, 10)
+  assert f"| base policy | 40.0% | 20.0% | 5.0% | 1.50 | 120.0 | [{100 * lo:.1f}%, {100 * hi:.1f}%] | 50.0% | 25.0% " \
+         "| 50.0% |" in md
+  assert "| RL | 70.0% |" in md and "| 100.0% | 50.0% | - |" in md
+  assert "| 30.0% | 20.0% |" in md and "| 0.0% | 10.0% |" in md
+  assert "| base policy | RL | accuracy@level1 | +50.0 pts |" in md
+
+
+def test_rows_without_levels_or_counts_keep_their_old_shape(tmp_path):
+  from autotraj_jax.stats import wilson_interval
+  (tmp_path / "old.json").write_text(json.dumps(_metrics(0.5)))
+  (tmp_path / "odd.json").write_text(json.dumps({"pass@1": 0.5, "accuracy_by_level": {"1": "high", "2": 0.5}}))
+  old, odd = load_rows(str(tmp_path), [("old", "old"), ("odd", "odd")])
+  assert not any(k.startswith("accuracy@") or "by_level" in k for k in old)
+  assert old["accuracy_ci95"] == pytest.approx(wilson_interval(100, 200))
+  assert odd["accuracy_by_level"] == {"2": 0.5} and odd["accuracy@level2"] == 0.5 and "accuracy_ci95" not in odd
+  assert "questions_by_level" not in odd
+
+
+def test_aggregate_means_levels_and_behaviour_rates_over_seeds():
+  def row(label, acc, lv2, repeated):
+    return {**_row(label, acc), "accuracy@level2": lv2, "accuracy_by_level": {"2": lv2},
+            "accuracy_ci95": [0.0, 1.0], "repeated_tool_call_rate": repeated}
+  runs = {f"seed{s}": {"overrides": {}, "seed": s, "rows": [row("base", 0.2, lv2, rep)],
+                       "comparisons": [{"a": "base", "b": "rl", "metric": "accuracy@level2", "diff": d,
+                                        "ci95": [d - 0.04, d + 0.1]}]}
+          for s, lv2, rep, d in ((0, 0.1, 0.2, 0.05), (1, 0.3, 0.4, 0.15))}
+  (g,) = grid.aggregate(runs)
+  metrics = g["rows"][0]["metrics"]
+  assert metrics["accuracy@level2"]["mean"] == pytest.approx(0.2)
+  assert metrics["accuracy@level2"]["std"] == pytest.approx(statistics.stdev([0.1, 0.3]))
+  repeated = metrics["repeated_tool_call_rate"]
+  assert repeated["mean"] == pytest.approx(0.3) and repeated["std"] == pytest.approx(statistics.stdev([0.2, 0.4]))
+  assert "accuracy_by_level" not in metrics and "accuracy_ci95" not in metrics  # only numbers are averaged
+  (comp,) = g["comparisons"]
+  assert comp["metric"] == "accuracy@level2" and comp["diff"]["mean"] == pytest.approx(0.1)
+  assert comp["seeds_excluding_zero"] == 2
+  md = grid.render_markdown([g], [])
+  assert "| variant | accuracy | HQ@1 | format errors | tool calls / q | mean length (tokens) | accuracy@level2 " \
+         "| repeated tool calls |" in md
+  assert "| 20.0% ± 14.1% | 30.0% ± 14.1% |" in md
+  assert "| base | rl | accuracy@level2 | +10.0 pts ± +7.1 pts | [+1.0, +15.0]; [+11.0, +25.0] | 2/2 |" in md
+  plain = grid.render_markdown(grid.aggregate({"seed0": {"overrides": {}, "seed": 0, "rows": [_row("base", 0.2)]}}), [])
+  assert "accuracy@level" not in plain and "repeated tool calls" not in plain

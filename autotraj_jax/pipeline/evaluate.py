@@ -6,7 +6,10 @@
 - `eval_files` evaluates the policy on every file of `config.eval.files` (benchmark JSONL with
   `id, question, answer, domain`; the checker is chosen per line by `domain`) and writes one table,
   `eval/results.json` and `eval/results.md`, with a row per file (`eval_files:NAME`: the model
-  trained as NAME, under `eval/NAME/`).
+  trained as NAME, under `eval/NAME/`), pass@1's 95% Wilson interval and accuracy per level.
+
+Behaviour rates are fractions of greedy trajectories: hedging and tool problems as the quality
+scorers judge them (below), repeated and failed tool calls and format errors (`eval.trajectory_stats`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 from autotraj_jax import scoring
+from autotraj_jax.eval import accuracy_ci95, interval_text
 from autotraj_jax.pipeline import builders
 from autotraj_jax.pipeline.workdir import Workdir
 from autotraj_jax.tir import records
@@ -54,8 +58,9 @@ def _open_model(config, wd: Workdir, variant: str):
   return tokenizer, backend, builders.make_tools(config, wd)
 
 
-def _evaluate(config, model, queries, out_dir: str, name: str) -> dict[str, float]:
-  """Greedy pass@1 (+ maj@k) and quality metrics of `queries`, written under `out_dir` as `name`."""
+def _evaluate(config, model, queries, out_dir: str, name: str) -> dict[str, Any]:
+  """Greedy pass@1 (+ maj@k, accuracy per level) and quality metrics of `queries`, written under
+  `out_dir` as `name`."""
   from autotraj_jax.eval import EvalConfig, evaluate, write_report
   tokenizer, backend, tools = model
   node = config.eval
@@ -80,8 +85,8 @@ def eval_stage(config, wd: Workdir, variant: str = "") -> None:
     builders.close_tools(model[2])
 
 
-FILE_COLUMNS = ("questions", "pass@1", "hq_at_1", "format_error_rate", "tool_calls_per_question",
-                "mean_response_tokens", "prompt_too_long")
+FILE_COLUMNS = ("questions", "pass@1", "hq_at_1", "format_error_rate", "repeated_tool_call_rate",
+                "failed_tool_call_rate", "tool_calls_per_question", "mean_response_tokens", "prompt_too_long")
 
 
 def file_name(path: str) -> str:
@@ -115,13 +120,30 @@ def eval_files_stage(config, wd: Workdir, variant: str = "") -> None:
             for path, name in zip(node.files, names)]
   finally:
     builders.close_tools(model[2])
+  for r in rows:
+    r["pass@1_ci95"] = accuracy_ci95(r["pass@1"], int(r["questions"]))
   records.write_json(os.path.join(out_dir, "results.json"), {"rows": rows})
-  cols = [c for c in FILE_COLUMNS if any(c in r for r in rows)] + sorted({k for r in rows for k in r
-                                                                         if k.startswith("maj@")})
-  table = [{"file": r["name"], **{c: _cell(c, r.get(c)) for c in cols}} for r in rows]
   with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(f"# Evaluation\n\nGreedy pass@1 with tool calls ({', '.join(config.tools.names) or 'no tools'}); "
-            "one row per question file.\n\n" + markdown_table(table))
+    f.write(f"# Evaluation\n\nGreedy pass@1 with tool calls ({', '.join(config.tools.names) or 'no tools'}) "
+            "and its 95% Wilson interval; one row per question file.\n\n" + markdown_table(file_table(rows)))
+
+
+def file_table(rows: Sequence[dict]) -> list[dict[str, str]]:
+  """Markdown rows of eval_files: FILE_COLUMNS, pass@1's interval, accuracy per level and maj@k where present."""
+  from autotraj_jax.eval import flat_metrics, level_metric, level_order
+  flat = [flat_metrics(r) for r in rows]
+  levels = sorted({lv for r in rows for lv in (r.get("accuracy_by_level") or {})}, key=level_order)
+  cols = [c for c in FILE_COLUMNS if any(c in r for r in flat)]
+  cols += [level_metric("accuracy", lv) for lv in levels] + sorted({k for r in flat for k in r if k.startswith("maj@")})
+  table = []
+  for r, values in zip(rows, flat):
+    cells = {"file": r["name"]}
+    for c in cols:
+      cells[c] = _cell(c, values.get(c))
+      if c == "pass@1":
+        cells["pass@1 95% CI"] = interval_text(r.get("pass@1_ci95"))
+    table.append(cells)
+  return table
 
 
 def _cell(key: str, value) -> str:
@@ -129,6 +151,6 @@ def _cell(key: str, value) -> str:
     return "-"
   if key in ("questions", "prompt_too_long"):
     return str(int(value))
-  if key.endswith("rate") or key in ("pass@1", "hq_at_1") or key.startswith("maj@"):
+  if key.endswith("rate") or key in ("pass@1", "hq_at_1") or key.startswith(("maj@", "accuracy@")):
     return f"{100 * value:.1f}%"
   return f"{value:.2f}"

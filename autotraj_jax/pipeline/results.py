@@ -8,8 +8,12 @@ of any pipeline, also one where some variants were never trained:
 - `rl_<variant>/logs` for each variant of `config.results.curves`, every `sft_*/logs`, and
   `rm/eval.json` (+ `rm/scores.png`) when they exist.
 
-It writes `results.json` (the rows), `results.md` (the table, the reward model's pair accuracy,
-the plots and the stage wall times) and PNG plots in `plots/`. A plot whose logs are absent is
+It writes `results.json` (the rows and the adjacent-row comparisons), `results.md` (the table, the
+reward model's pair accuracy, the plots and the stage wall times) and PNG plots in `plots/`. A row
+holds the eval's metrics under canonical names, `accuracy_ci95` (the 95% Wilson interval) and, for
+questions with difficulty levels, `accuracy_by_level`, `questions_by_level`,
+`accuracy_by_level_ci95` and one flat `accuracy@level<L>` per level (what the tables and
+`experiments/grid.py` read). A plot whose logs are absent is
 skipped and the reason is written to `results.md`. Like every stage it is marked done; delete
 `.done/results` to rebuild the table after adding evaluations. `experiments/grid.py` aggregates the
 `results.json` of several runs (seeds, overrides).
@@ -21,8 +25,9 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from autotraj_jax.eval import accuracy_ci95, interval_text, level_metric, level_of, level_order
 from autotraj_jax.pipeline import plots
 from autotraj_jax.pipeline.workdir import Workdir
 from autotraj_jax.tir.records import write_json
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 RENAMED = {"pass@1": "accuracy", "mean_response_tokens": "mean_length"}
 NON_METRIC_KEYS = ("label", "name", "missing", "error")
 PAIRED_METRICS = ("accuracy", "hq_at_1")  # per-question 0/1 outcomes compared between adjacent rows
+LEVEL_PREFIX = level_metric("accuracy", "")  # 'accuracy@level': the flat per-level accuracy keys
 
 
 def _pct(v: float) -> str:
@@ -54,12 +60,16 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("tool_error_rate", "tool errors", _pct),
     ("hedging_rate", "hedging", _pct),
     ("tool_problem_rate", "tool problems", _pct),
+    ("repeated_tool_call_rate", "repeated tool calls", _pct),
+    ("failed_tool_call_rate", "failed tool calls", _pct),
     ("model_tokens_per_correct", "tokens / correct", _num(1)),
     ("questions", "questions", lambda v: str(int(v))),
 )
 
 
 MAIN = 5  # the leading COLUMNS that grid.md shows too
+# Fractions of trajectories with a behaviour; grid.md shows them after the main columns.
+BEHAVIOUR_RATES = ("hedging_rate", "tool_problem_rate", "repeated_tool_call_rate", "failed_tool_call_rate")
 
 
 def formatter(key: str) -> Callable[[float], str]:
@@ -67,7 +77,13 @@ def formatter(key: str) -> Callable[[float], str]:
   for k, _, fmt in COLUMNS:
     if k == key:
       return fmt
-  return _pct if key.startswith("maj@") or key.endswith("_rate") else _num(3)
+  return _pct if key.startswith(("maj@", LEVEL_PREFIX)) or key.endswith("_rate") else _num(3)
+
+
+def level_columns(keys: Iterable[str]) -> list[str]:
+  """The `accuracy@level<L>` keys among `keys`, once each, in level order."""
+  found = {k for k in keys if k.startswith(LEVEL_PREFIX)}
+  return sorted(found, key=lambda k: level_order(k[len(LEVEL_PREFIX):]))
 
 
 def _is_number(v: Any) -> bool:
@@ -95,12 +111,40 @@ def load_rows(eval_dir: str, rows: Sequence[Sequence[str]]) -> list[dict[str, An
     numeric = {RENAMED.get(k, k): float(v) for k, v in metrics.items() if _is_number(v)}
     row.update({k: numeric.pop(k) for k, _, _ in COLUMNS if k in numeric})
     row.update(numeric)
+    if "accuracy" in row and (ci := accuracy_ci95(row["accuracy"], int(row.get("questions", 0)))) is not None:
+      row["accuracy_ci95"] = ci
+    row.update(level_fields(metrics))
     out.append(row)
   return out
 
 
-def per_question(eval_dir: str, name: str) -> dict[str, dict[str, float]]:
-  """question id -> {accuracy, hq_at_1} of eval `name`'s greedy trajectories (empty if absent)."""
+def _level_dict(value: Any) -> dict[str, float]:
+  """{level: number} of an eval's per-level metric, in level order; anything else gives {}."""
+  if not isinstance(value, Mapping):
+    return {}
+  return {str(k): float(v) for k, v in sorted(value.items(), key=lambda kv: level_order(str(kv[0])))
+          if _is_number(v)}
+
+
+def level_fields(metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """Per-level accuracy of an eval's JSON: the dicts, each level's Wilson interval when its
+  question count is known, and one flat `accuracy@level<L>` key per level."""
+  acc = _level_dict(metrics.get("accuracy_by_level"))
+  if not acc:
+    return {}
+  counts = {lv: int(n) for lv, n in _level_dict(metrics.get("questions_by_level")).items()}
+  out: dict[str, Any] = {"accuracy_by_level": acc}
+  if counts:
+    out["questions_by_level"] = counts
+    out["accuracy_by_level_ci95"] = {lv: ci for lv, v in acc.items()
+                                     if (ci := accuracy_ci95(v, counts.get(lv, 0))) is not None}
+  out.update({level_metric("accuracy", lv): v for lv, v in acc.items()})
+  return out
+
+
+def per_question(eval_dir: str, name: str) -> dict[str, dict[str, Any]]:
+  """question id -> {accuracy, hq_at_1, level} of eval `name`'s greedy trajectories (empty if
+  absent; level '' when the eval recorded none)."""
   from autotraj_jax.tir.trajectory import iter_trajectories
   path = os.path.join(eval_dir, f"{name}.trajectories.jsonl")
   if not os.path.exists(path):
@@ -108,34 +152,61 @@ def per_question(eval_dir: str, name: str) -> dict[str, dict[str, float]]:
   out = {}
   for t in iter_trajectories(path):
     correct = t.scores.get("correctness", t.scores.get("correct", 0.0))
-    out[t.question_id] = {"accuracy": float(correct), "hq_at_1": float(t.quality == "high")}
+    out[t.question_id] = {"accuracy": float(correct), "hq_at_1": float(t.quality == "high"), "level": level_of(t)}
   return out
 
 
 def comparisons(rows: Sequence[Mapping[str, Any]], eval_dir: str, metrics: Sequence[str] = PAIRED_METRICS,
-                seed: int = 0) -> list[dict[str, Any]]:
+                seed: int = 0, per_level: bool = True) -> list[dict[str, Any]]:
   """For each adjacent pair of evaluated rows (a, b) and metric: mean(b) - mean(a) over the
-  questions both answered, with a paired-bootstrap 95% interval."""
+  questions both answered, with a paired-bootstrap 95% interval.
+
+  With `per_level`, accuracy is also compared on each difficulty level both evals recorded for
+  the same questions (metric `accuracy@level<L>`, over that level's common questions only).
+  """
   from autotraj_jax.stats import paired_bootstrap
   present = [r for r in rows if not r.get("missing")]
   out = []
+
+  def compare(a, b, qa, qb, questions, key, metric):
+    diff, (low, high) = paired_bootstrap([qa[q][key] for q in questions], [qb[q][key] for q in questions], seed=seed)
+    out.append({"a": a["name"], "b": b["name"], "metric": metric, "diff": float(diff),
+                "ci95": [float(low), float(high)], "n": len(questions)})
+
   for a, b in zip(present, present[1:]):
     qa, qb = per_question(eval_dir, a["name"]), per_question(eval_dir, b["name"])
     common = sorted(set(qa) & set(qb))
     if not common:
       continue
     for m in metrics:
-      diff, (low, high) = paired_bootstrap([qa[q][m] for q in common], [qb[q][m] for q in common], seed=seed)
-      out.append({"a": a["name"], "b": b["name"], "metric": m, "diff": float(diff),
-                  "ci95": [float(low), float(high)], "n": len(common)})
+      compare(a, b, qa, qb, common, m, m)
+    if per_level:
+      for level, questions in shared_levels(qa, qb, common).items():
+        compare(a, b, qa, qb, questions, "accuracy", level_metric("accuracy", level))
   return out
+
+
+def shared_levels(qa: Mapping[str, Mapping[str, Any]], qb: Mapping[str, Mapping[str, Any]],
+                  common: Sequence[str]) -> dict[str, list[str]]:
+  """level -> the common questions both evals put at that level, in level order."""
+  out: dict[str, list[str]] = {}
+  for q in common:
+    if qa[q]["level"] and qa[q]["level"] == qb[q]["level"]:
+      out.setdefault(qa[q]["level"], []).append(q)
+  return {lv: out[lv] for lv in sorted(out, key=level_order)}
+
+
+HEADERS = {"accuracy_ci95": "accuracy 95% CI"}
 
 
 def table_rows(rows: Sequence[Mapping[str, Any]],
                cell: Callable[[Mapping[str, Any], str], str]) -> list[dict[str, str]]:
-  """Rows for `markdown_table`: the main columns, plus maj@k when some row has it."""
-  extra = sorted({k for r in rows for k in r if k.startswith("maj@")})
-  cols = [(k, h) for k, h, _ in COLUMNS[:MAIN]] + [(k, k) for k in extra] + [(k, h) for k, h, _ in COLUMNS[MAIN:]]
+  """Rows for `markdown_table`: the main columns, then the accuracy interval, accuracy per level
+  and maj@k when some row has them, then the rest."""
+  extra = [k for k in ("accuracy_ci95",) if any(k in r for r in rows)]
+  extra += level_columns(k for r in rows for k in r) + sorted({k for r in rows for k in r if k.startswith("maj@")})
+  cols = [(k, h) for k, h, _ in COLUMNS[:MAIN]] + [(k, HEADERS.get(k, k)) for k in extra] + \
+      [(k, h) for k, h, _ in COLUMNS[MAIN:]]
   return [{"variant": r["label"], **{h: cell(r, k) for k, h in cols}} for r in rows]
 
 
@@ -162,10 +233,14 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], rm: Mapping[str, Any] | N
   def cell(r: Mapping[str, Any], k: str) -> str:
     if r.get("missing"):
       return "missing" if k == "accuracy" else "-"
+    if k == "accuracy_ci95":
+      return interval_text(r.get(k))
     return formatter(k)(r[k]) if _is_number(r.get(k)) else "-"
 
-  lines = ["# Results", "", "Greedy pass@1 on the held-out test questions (`eval/<name>.json`).", "",
-           markdown_table(table_rows(rows, cell))]
+  lines = ["# Results", "", "Greedy pass@1 on the held-out test questions (`eval/<name>.json`) with its 95% Wilson "
+           "interval; `accuracy@level<L>`: accuracy on the questions of difficulty level L. Behaviour rates are "
+           "fractions of trajectories (repeated / failed tool calls, format errors, hedging); tool errors is a "
+           "fraction of calls.", "", markdown_table(table_rows(rows, cell))]
   missing = [f"`{r['name']}`" + (f" ({r['error']})" if r.get("error") else "") for r in rows if r.get("missing")]
   if missing:
     lines += [f"Not evaluated in this run: {'; '.join(missing)}.", ""]

@@ -81,12 +81,39 @@ def fingerprint(stage: Stage, config: ml_collections.ConfigDict, wd: Workdir, va
   return {"values": json.loads(json.dumps(values, default=str)), "files": files}
 
 
+def _schema_defaults(keys: Sequence[str]) -> dict[str, Any]:
+  """The base config's values of fingerprinted keys (None where the base has no such key)."""
+  from autotraj_jax.pipeline.config import base_config
+  base, out = base_config(), {}
+  for k in keys:
+    try:
+      out[k] = _get(base, k)
+    except (KeyError, AttributeError):
+      out[k] = None
+  return json.loads(json.dumps(out, default=str))
+
+
+def _value_changes(key: str, a: Any, b: Any, default: Any) -> list[str]:
+  """Differences of one fingerprinted value, field by field inside sections. A field the old
+  fingerprint lacks (added to the schema since the stage ran) counts as unchanged while it keeps
+  its default: the stage ran with what is now the default behaviour."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      d = default.get(k) if isinstance(default, dict) else None
+      if k not in a and isinstance(default, dict) and k in default and b.get(k) == d:
+        continue
+      out += _value_changes(f"{key}.{k}", a.get(k, "<unset>"), b.get(k, "<unset>"), d)
+    return out
+  return [] if a == b else [f"config field {key} changed ({a!r} -> {b!r})"]
+
+
 def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   out = []
-  for k in sorted(set(old.get("values", {})) | set(new["values"])):
-    a, b = old.get("values", {}).get(k, "<unset>"), new["values"].get(k, "<unset>")
-    if a != b:
-      out.append(f"config field {k} changed ({a!r} -> {b!r})")
+  old_values = old.get("values", {})
+  defaults = _schema_defaults(list(new["values"]))
+  for k in sorted(set(old_values) | set(new["values"])):
+    out += _value_changes(k, old_values.get(k, "<unset>"), new["values"].get(k, "<unset>"), defaults.get(k))
   for k in sorted(set(old.get("files", {})) | set(new["files"])):
     if old.get("files", {}).get(k) != new["files"].get(k):
       out.append(f"input {k} changed")

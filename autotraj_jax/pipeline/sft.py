@@ -2,7 +2,8 @@
 
 `sft:VARIANT` trains `config.sft` updated by `config.sft_variants[VARIANT]` into `<workdir>/sft_VARIANT`
 (checkpoints, logs); downstream stages load it by that name. `data` picks the set: 'autotraj'
-(high-quality + accepted repairs, all of sft.jsonl) or 'high_only' (the ablation without repair).
+(high-quality + accepted repairs, all of sft.jsonl), 'high_only' (the ablation without repair) or
+'autotraj_question' (all of sft_question.jsonl: the repairs of a repairer that saw only the question).
 Questions held out by `builders.is_held_out` give the eval loss and are never trained on; LoRA
 adapters (`lora.rank` > 0) are merged into full weights on export so later stages load a plain model.
 """
@@ -23,12 +24,20 @@ from autotraj_jax.training import data as data_lib
 
 log = logging.getLogger(__name__)
 
-SFT_DATA = ("autotraj", "high_only")
+# sft.data -> the stage-1 file it is drawn from (written by `datasets` / `datasets:question`).
+SFT_DATA = {"autotraj": "sft.jsonl", "high_only": "sft.jsonl", "autotraj_question": "sft_question.jsonl"}
+
+
+def sft_file(data: str) -> str:
+  """The stage-1 file that `sft.data` draws from; a bad value is named."""
+  if data not in SFT_DATA:
+    raise ValueError(f"sft.data must be one of {tuple(SFT_DATA)}, got {data!r}")
+  return SFT_DATA[data]
 
 
 def select_sft(trajs: Sequence[Trajectory], data: str) -> list[Trajectory]:
-  if data not in SFT_DATA:
-    raise ValueError(f"sft.data must be one of {SFT_DATA}, got {data!r}")
+  """The examples of `data` among the trajectories of its file, `sft_file(data)`."""
+  sft_file(data)
   if data == "high_only":
     return [t for t in trajs if t.provenance.get("source") != "repaired"]
   return list(trajs)
@@ -79,7 +88,7 @@ def _accuracy_eval(config, wd: Workdir, node, init_dir: str, tokenizer):
 
 
 def sft_stage(config, wd: Workdir, variant: str) -> None:
-  """SFT of the policy on the stage-1 SFT set (sft:high_only, sft:autotraj), into sft_VARIANT/."""
+  """SFT of the policy on a stage-1 SFT set (sft:high_only, sft:autotraj, ...), into sft_VARIANT/."""
   from autotraj_jax import checkpoint
   from autotraj_jax.eval import EvalConfig, evaluate
   from autotraj_jax.models import abstract_model
@@ -90,12 +99,13 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
   node = builders.variant_node(config, "sft", variant)
   name = f"sft_{variant}"
   tokenizer = builders.load_tokenizer(config, wd)
-  trajs = select_sft(list(iter_trajectories(wd.path("sft.jsonl"))), node.data)
+  data_file = sft_file(node.data)
+  trajs = select_sft(list(iter_trajectories(wd.path(data_file))), node.data)
   held_out = [builders.is_held_out(t.question_id, config.heldout_fraction, config.seed) for t in trajs]
   train = [t for t, h in zip(trajs, held_out) if not h]
   held = [t for t, h in zip(trajs, held_out) if h]
   if not train:
-    wd.skip(name, f"no training trajectories ({node.data}) in sft.jsonl: the policy solved "
+    wd.skip(name, f"no training trajectories ({node.data}) in {data_file}: the policy solved "
             "nothing and no repair was accepted (see report/stats.md)")
     return
   log.info("%s: %d train / %d held-out trajectories (%s)", name, len(train), len(held), node.data)

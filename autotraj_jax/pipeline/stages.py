@@ -13,12 +13,14 @@ from autotraj_jax.pipeline.runner import Stage
 _SERVING = ("backend", "sglang.urls", "engine", "mesh", "tools", "model.tokenizer_dir", "seed")
 
 
+def _node(c, kind: str, v: str):
+  """The top-level fields of `kind`'s node for variant `v` (enough to name its inputs)."""
+  return c[kind] if not v else {**c[kind].to_dict(), **c[f"{kind}_variants"][v].to_dict()}
+
+
 def _trained(kind: str):
   """Workdir inputs of a trainer stage whose node names the model it starts from in `init`."""
-  def inputs(c, v):
-    node = c[kind] if not v else {**c[kind].to_dict(), **c[f"{kind}_variants"][v].to_dict()}
-    return (f"{node['init']}/checkpoints",)
-  return inputs
+  return lambda c, v: (f"{_node(c, kind, v)['init']}/checkpoints",)
 
 
 STAGES: dict[str, Stage] = {
@@ -39,7 +41,8 @@ STAGES: dict[str, Stage] = {
                         inputs=lambda c, v: (f"{v or 'policy'}/checkpoints", "tokenizer"),
                         outputs=lambda c, v: (f"eval/{v}" if v else "eval/results.json",)),
     "sft": Stage(sft.sft_stage, reads=lambda c, v: ("sft", f"sft_variants.{v}", "heldout_fraction", "mesh", "seed"),
-                 inputs=lambda c, v: ("sft.jsonl", *_trained("sft")(c, v)), outputs=lambda c, v: (f"sft_{v}",)),
+                 inputs=lambda c, v: (sft.sft_file(_node(c, "sft", v)["data"]), *_trained("sft")(c, v)),
+                 outputs=lambda c, v: (f"sft_{v}",)),
     "rm": Stage(rm.rm_stage, reads=lambda c, v: ("rm", "heldout_fraction", "mesh", "seed"),
                 inputs=lambda c, v: ("pairs.jsonl", *_trained("rm")(c, v)), outputs=lambda c, v: ("rm",)),
     "rl": Stage(rl.rl_stage, reads=lambda c, v: ("rl", f"rl_variants.{v}", *_SERVING),

@@ -63,15 +63,30 @@ WRONG_ANSWER_SYSTEM = (
     "<search> when needed (at most three calls), and one final "
     "<answer>The final answer is \\boxed{...}</answer>.")
 
+QUESTION_ONLY_SYSTEM = (
+    "Write a clean tool-use solution to the question below: brief reasoning in <think> </think> without "
+    "hedging, <code> or <search> only when needed (at most three calls), and one final "
+    "<answer>The final answer is \\boxed{...}</answer>.")
 
-def repair_messages(orig: "Trajectory", show_gold: bool) -> list[dict[str, str]]:
-  """The repairer's chat: which prompt depends on the failure; the user turn holds the question,
-  the scored trajectory and its diagnosis (and the gold answer only if asked)."""
-  system = WRONG_ANSWER_SYSTEM if orig.quality == "wrong" else LOW_QUALITY_SYSTEM
-  notes = orig.diagnosis or ["no specific problem found; make it clearer and shorter"]
-  user = (f"Question:\n{orig.question}\n\nEarlier solution:\n{orig.text.strip()}\n\n"
-          "Reviewer notes:\n" + "\n".join(f"- {n}" for n in notes))
+# What the repairer is shown: the paper's repairer sees the trajectory; the authors' code, the question.
+REPAIR_CONTEXTS = ("trajectory", "question")
+
+
+def repair_messages(orig: "Trajectory", show_gold: bool, context: str = "trajectory") -> list[dict[str, str]]:
+  """The repairer's chat (and the gold answer only if asked). 'trajectory': the prompt depends on the
+  failure and the user turn holds the question, the scored trajectory and its diagnosis. 'question':
+  one prompt and the question alone, so a repair is a fresh solve that never sees what went wrong."""
+  if context not in REPAIR_CONTEXTS:
+    raise ValueError(f"repair.context must be one of {REPAIR_CONTEXTS}, got {context!r}")
+  if context == "question":
+    system, user, ask = QUESTION_ONLY_SYSTEM, f"Question:\n{orig.question}", "Write the solution."
+  else:
+    system = WRONG_ANSWER_SYSTEM if orig.quality == "wrong" else LOW_QUALITY_SYSTEM
+    notes = orig.diagnosis or ["no specific problem found; make it clearer and shorter"]
+    user = (f"Question:\n{orig.question}\n\nEarlier solution:\n{orig.text.strip()}\n\n"
+            "Reviewer notes:\n" + "\n".join(f"- {n}" for n in notes))
+    ask = "Write the improved solution."
   if show_gold and orig.gold is not None:
     user += f"\n\nThe correct final answer is {orig.gold}."
-  user += "\n\nWrite the improved solution."
+  user += f"\n\n{ask}"
   return [{"role": "system", "content": system}, {"role": "user", "content": user}]

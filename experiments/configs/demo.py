@@ -5,13 +5,15 @@
 Stage 1: builds the synthetic task world, imports the shipped warm-started ~4M-parameter policy
 (assets/demo_policy; `--config.model.hf_dir=''` trains one instead), samples 4 candidates for
 each of 300 training questions with real tool calls, scores and repairs them, and writes the SFT
-set, the preference pairs and the stats report (report/). Stage 2: evaluates the base policy,
-SFT on high-quality only, AutoTraj SFT (high-quality + repaired), trains the Bradley-Terry RM on
-the pairs, runs GRPO with outcome + format rewards and with outcome + format + RM from the
-AutoTraj SFT policy, evaluates each on held-out test questions and writes results.json,
-results.md and plots/. Expected runtime on a quiet 2-core CPU: about 15 minutes (generation 1.5,
-repair 2.5, each evaluation 0.3, each SFT 1.1, the RM 1.5, each GRPO variant 2.6). Expected result:
-the five-row table in results.md (figures of runs are in the README).
+set, the preference pairs and the stats report (report/); then repairs the same originals again
+with a repairer that sees only the question (the authors' code; sft_question.jsonl, report_question/).
+Stage 2: evaluates the base policy, SFT on high-quality only, AutoTraj SFT (high-quality + repaired),
+the same SFT with the question-only repairs, trains the Bradley-Terry RM on the pairs, runs GRPO
+with outcome + format rewards and with outcome + format + RM from the AutoTraj SFT policy, evaluates
+each on held-out test questions and writes results.json, results.md and plots/. Expected runtime on
+a quiet 2-core CPU: about 19 minutes (generation 1.5, each repair 2.5, each evaluation 0.3, each SFT
+1.1, the RM 1.5, each GRPO variant 2.6). Expected result: the table of `results.rows` in results.md
+(figures of runs are in the README).
 """
 
 import os

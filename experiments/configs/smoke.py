@@ -2,9 +2,9 @@
 
     python experiments/main.py --config experiments/configs/smoke.py --config.workdir=/tmp/smoke
 
-Expected runtime on a 2-core CPU: about 5 minutes. Expected result: every stage runs, every model
-trains (4 preference pairs at seed 0, enough for the reward model) and results.md has five rows;
-the numbers mean nothing at this size.
+Expected runtime on a 2-core CPU: about 6 minutes. Expected result: every stage runs (the question-only
+repairer and its SFT too), every model trains (4 preference pairs at seed 0, enough for the reward
+model) and results.md has a row per `results.rows` entry; the numbers mean nothing at this size.
 """
 
 import os
