@@ -3,8 +3,10 @@
     python benchmarks/train_step.py [--preset demo] [--batch 8] [--seq 256] [--steps 10]
 
 Both sides: the same decoder config (transformers' Qwen2 in PyTorch), fp32, AdamW, masked
-next-token loss, one optimizer step per batch. Prints tokens/s of each and the ratio. On a GPU
-it also prints model FLOPs utilisation of our step (--peak-tflops to set the device peak).
+next-token loss, one optimizer step per batch. Their steps are interleaved and each side's median
+step time is reported, so a busy shared machine slows both alike. Prints tokens/s of each, the
+ratio, and our step's forward / backward / optimizer split (each part jitted alone). On a GPU it
+also prints model FLOPs utilisation of our step (--peak-tflops to set the device peak).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
+import optax
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.models import get_preset, init_model
@@ -40,24 +43,49 @@ def make_batch(cfg, batch: int, seq: int, seed: int = 0):
   return {"tokens": tokens, "loss_mask": loss_mask, "valid": np.ones((batch, seq), np.int32)}
 
 
-def bench_jax(cfg, batch, steps, warmup):
+def jax_stepper(cfg, batch):
+  """One jitted SFT train step as a no-argument callable that blocks until it is done."""
   graphdef, params = init_model(cfg)
   opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, total_steps=1000))
   mesh = shd.make_mesh(shd.MeshConfig(fsdp=-1))
   state = jax.device_put(init_state(params, opt, 0))
   step = jax.jit(make_train_step(make_sft_loss(graphdef), opt), donate_argnums=(0,))
   dev_batch = jax.device_put({k: v[None] for k, v in batch.items()}, shd.replicated(mesh))
-  for _ in range(warmup):
-    state, m = step(state, dev_batch)
-  jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, dev_batch)
-  jax.block_until_ready(m)
-  return (time.perf_counter() - t) / steps
+  box = [state]
+
+  def one():
+    box[0], m = step(box[0], dev_batch)
+    jax.block_until_ready(m)
+  return one
 
 
-def bench_torch(cfg, batch, steps, warmup, threads):
+def jax_phases(cfg, batch, reps: int) -> dict[str, float]:
+  """Seconds of the step's parts, each jitted alone: forward (loss only), forward+backward
+  (value_and_grad) and the optimizer update (clip + AdamW + apply). Backward = the difference."""
+  graphdef, params = init_model(cfg)
+  opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, total_steps=1000))
+  opt_state = opt.init(params)
+  loss_fn = make_sft_loss(graphdef)
+  micro = jax.device_put(dict(batch))
+  rng = jax.random.key(0)
+  fwd = jax.jit(lambda p: loss_fn(p, micro, rng)[0])
+  fwd_bwd = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, micro, rng)[0]))
+  _, grads = fwd_bwd(params)
+
+  @jax.jit
+  def update(g, s, p):
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  def best(f, *a):
+    jax.block_until_ready(f(*a))
+    return min(_timed(lambda: jax.block_until_ready(f(*a))) for _ in range(reps))
+  t_fwd, t_fb, t_opt = best(fwd, params), best(fwd_bwd, params), best(update, grads, opt_state, params)
+  return {"forward": t_fwd, "backward": max(t_fb - t_fwd, 0.0), "optimizer": t_opt}
+
+
+def torch_stepper(cfg, batch, threads: int):
+  """The same model, data and update in PyTorch eager, as a no-argument callable."""
   import torch
   import transformers
   torch.set_num_threads(threads)
@@ -79,12 +107,26 @@ def bench_torch(cfg, batch, steps, warmup, threads):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-  for _ in range(warmup):
-    one()
+  return one
+
+
+def _timed(fn) -> float:
   t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def bench(steppers: dict, steps: int, warmup: int) -> dict[str, float]:
+  """Median seconds per step of each stepper, their steps interleaved (a, b, a, b, ...) so that
+  load from other processes on a shared machine falls on both sides alike."""
+  for one in steppers.values():
+    for _ in range(warmup):
+      one()
+  times = {name: [] for name in steppers}
   for _ in range(steps):
-    one()
-  return (time.perf_counter() - t) / steps
+    for name, one in steppers.items():
+      times[name].append(_timed(one))
+  return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def main():
@@ -96,6 +138,7 @@ def main():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--no-split", action="store_true", help="skip timing forward / backward / optimizer alone")
   p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
   args = p.parse_args()
   cfg = get_preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
@@ -103,16 +146,21 @@ def main():
   tokens = args.batch * args.seq
   print(f"preset={args.preset} params={cfg.num_params() / 1e6:.1f}M batch={args.batch} seq={args.seq} "
         f"dtype={args.dtype} backend={jax.default_backend()} devices={jax.device_count()}")
-  t_jax = bench_jax(cfg, batch, args.steps, args.warmup)
-  line = f"jax   : {tokens / t_jax:10.1f} tok/s  ({t_jax * 1e3:.1f} ms/step)"
+  steppers = {"jax": jax_stepper(cfg, batch)}
+  if not args.no_torch:
+    steppers["torch"] = torch_stepper(cfg, batch, threads=os.cpu_count())
+  t = bench(steppers, args.steps, args.warmup)
+  line = f"jax   : {tokens / t['jax']:10.1f} tok/s  ({t['jax'] * 1e3:.1f} ms/step)"
   if args.peak_tflops:
-    mfu = flops_per_token(cfg, args.seq) * tokens / t_jax / (args.peak_tflops * 1e12 * jax.device_count())
+    mfu = flops_per_token(cfg, args.seq) * tokens / t["jax"] / (args.peak_tflops * 1e12 * jax.device_count())
     line += f"  MFU {100 * mfu:.1f}%"
   print(line)
+  if not args.no_split:
+    parts = jax_phases(cfg, batch, reps=max(args.steps // 2, 2))
+    print("jax split: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in parts.items()))
   if not args.no_torch:
-    t_torch = bench_torch(cfg, batch, args.steps, args.warmup, threads=os.cpu_count())
-    print(f"torch : {tokens / t_torch:10.1f} tok/s  ({t_torch * 1e3:.1f} ms/step)")
-    print(f"ratio jax/torch: {t_torch / t_jax:.2f}x")
+    print(f"torch : {tokens / t['torch']:10.1f} tok/s  ({t['torch'] * 1e3:.1f} ms/step)")
+    print(f"ratio jax/torch: {t['torch'] / t['jax']:.2f}x")
 
 
 if __name__ == "__main__":

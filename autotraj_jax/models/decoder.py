@@ -10,6 +10,7 @@ N query heads, K kv heads, H head dim, F MLP width, V vocab.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -80,16 +81,32 @@ class RMSNorm(nnx.Module):
     return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, half-split layout (as in HF `rotate_half`), computed in fp32."""
-  H = x_BLNH.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
-  angles = positions_BL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+class RopeTables(NamedTuple):
+  """cos and sin of each position's rotary angles, [B, L, 1, H] fp32 (each half-split angle
+  repeated for both halves, as HF builds them): computed once per forward and shared by q and
+  k of every layer."""
+  cos: jax.Array
+  sin: jax.Array
+
+
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> RopeTables:
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions_BL.astype(jnp.float32)[..., None, None] * inv_freq  # [B, L, 1, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return RopeTables(jnp.cos(angles), jnp.sin(angles))
+
+
+def apply_rope(x_BLNH: jax.Array, tables: RopeTables) -> jax.Array:
+  """Rotary embedding, half-split layout (HF `x * cos + rotate_half(x) * sin`), in fp32."""
   x = x_BLNH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  out = x * tables.cos + jnp.concatenate([-x2, x1], axis=-1) * tables.sin
   return out.astype(x_BLNH.dtype)
+
+
+def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """`apply_rope` with tables for these positions (one-off use; the model shares its tables)."""
+  return apply_rope(x_BLNH, rope_tables(positions_BL, x_BLNH.shape[-1], theta))
 
 
 class Projection(nnx.Module):
@@ -102,11 +119,40 @@ class Projection(nnx.Module):
     self._n_in = len(in_dims)
 
   def __call__(self, x, dtype):
-    k = self.kernel[...].astype(dtype)
-    y = jnp.tensordot(x.astype(dtype), k, axes=self._n_in)
+    y = matmul_nd(x.astype(dtype), self.kernel[...].astype(dtype), self._n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
+
+
+def matmul_nd(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """`tensordot(x, kernel, n_in)` as one [tokens, in] @ [in, out] matmul.
+
+  The reshapes are free (row-major bitcasts); with the leading axes flattened, the backward
+  dots are plain matrix products too, where XLA:CPU otherwise transposes activations to feed them.
+  """
+  in_dims, out_dims = kernel.shape[:n_in], kernel.shape[n_in:]
+  lead = x.shape[:x.ndim - n_in]
+  fan_in = math.prod(in_dims)
+  y = x.reshape(-1, fan_in) @ kernel.reshape(fan_in, -1)
+  return y.reshape(*lead, *out_dims)
+
+
+def shared_rope_tables(cfg: ModelConfig, positions_BL: jax.Array) -> RopeTables:
+  """The RoPE tables of one forward, built once for all layers (`materialize`d)."""
+  return RopeTables(*(materialize(t) for t in rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)))
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """`x`, computed once into memory rather than inside each consumer.
+
+  XLA fuses cheap-looking producers into every consumer; for the RoPE tables that means a sin
+  and a cos per element of q and k, in every layer, forward and backward (3x the cost of the
+  rope itself on CPU). A reduction is never duplicated into its consumers, so `x` goes through
+  an exact one: the max of two copies of itself. (`optimization_barrier` does not stop fusion
+  on CPU.)
+  """
+  return jnp.max(jnp.stack([x, x]), axis=0)
 
 
 class Attention(nnx.Module):
@@ -119,10 +165,14 @@ class Attention(nnx.Module):
     self.o_proj = Projection((N, H), (D,), bias=False, param_dtype=pd, rngs=rngs)
     self.cfg = cfg
 
-  def __call__(self, x_BLD, positions_BL, mask_BLS, cache: LayerCache | None, cache_index):
+  def __call__(self, x_BLD, positions_BL, mask_BLS, cache: LayerCache | None, cache_index,
+               rope_BL: RopeTables | None = None):
+    """`rope_BL`: the tables for `positions_BL` when the caller shares them across layers."""
     cfg, dt = self.cfg, self.cfg.jnp_dtype
-    q = rope(self.q_proj(x_BLD, dt), positions_BL, cfg.rope_theta)
-    k = rope(self.k_proj(x_BLD, dt), positions_BL, cfg.rope_theta)
+    if rope_BL is None:
+      rope_BL = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
+    q = apply_rope(self.q_proj(x_BLD, dt), rope_BL)
+    k = apply_rope(self.k_proj(x_BLD, dt), rope_BL)
     v = self.v_proj(x_BLD, dt)
     if cache is None:
       # GQA, fp32 softmax; XLA on CPU/TPU, cuDNN flash attention where available.
@@ -171,15 +221,15 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask, cache, cache_index):
-    h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+  def __call__(self, x, positions, mask, cache, cache_index, rope: RopeTables | None = None):
+    h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index, rope)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, cache
 
 
-def _block_call(block: Block, x, positions, mask, cache, cache_index):
-  return block(x, positions, mask, cache, cache_index)
+def _block_call(block: Block, x, positions, mask, cache, cache_index, rope):
+  return block(x, positions, mask, cache, cache_index, rope)
 
 
 def remat_block_call(remat: bool | str):
@@ -208,10 +258,11 @@ class Transformer(nnx.Module):
                cache_index=0) -> tuple[jax.Array, Cache | None]:
     x = shard_batch(jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(self.cfg.jnp_dtype))
     call = remat_block_call(self.cfg.remat)
+    rope = shared_rope_tables(self.cfg, positions_BL)
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
       x, layer_cache = call(block, x, positions_BL, mask_BLS,
-                            None if cache is None else cache[i], cache_index)
+                            None if cache is None else cache[i], cache_index, rope)
       x = shard_batch(x)
       if cache is not None:
         new_cache.append(layer_cache)
@@ -233,12 +284,16 @@ class CausalLM(nnx.Module):
     return self.logits(hidden), cache
 
   def logits(self, hidden_BLD):
+    # As [tokens, D] @ [D, V]: with the [B, L] axes flattened, XLA:CPU feeds the backward dots
+    # without transposing the [tokens, V] logit gradient (the largest array of the step).
     dt = self.cfg.jnp_dtype
+    h = hidden_BLD.astype(dt)
     if self.lm_head is None:
-      w = self.model.embed_tokens[...].astype(dt)
-      return shard_batch(jnp.einsum("bld,vd->blv", hidden_BLD.astype(dt), w, preferred_element_type=jnp.float32))
-    return shard_batch(jnp.einsum("bld,dv->blv", hidden_BLD.astype(dt), self.lm_head[...].astype(dt),
-                                  preferred_element_type=jnp.float32))
+      w = self.model.embed_tokens[...].astype(dt).T
+    else:
+      w = self.lm_head[...].astype(dt)
+    logits = jnp.matmul(h.reshape(-1, h.shape[-1]), w, preferred_element_type=jnp.float32)
+    return shard_batch(logits.reshape(*h.shape[:-1], w.shape[-1]))
 
 
 class ScalarModel(nnx.Module):
