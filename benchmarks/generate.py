@@ -55,8 +55,11 @@ def requests(batch: int, prompt_len: int, new_tokens: int, vocab: int, top_p: fl
 
 
 def time_engine(engine, reqs, new_tokens):
+  # The timed call prefills every prompt in full, so the warm-up must too: otherwise it reuses
+  # the previous batch's rows (the prompts share their first request) and compiles other shapes.
+  engine.clear_prefix_cache()
   engine.generate(reqs)  # compile
-  engine.clear_prefix_cache()  # the timed call prefills every prompt in full
+  engine.clear_prefix_cache()
   t = time.perf_counter()
   outs = engine.generate(reqs)
   dt = time.perf_counter() - t

@@ -37,11 +37,11 @@ from jax.sharding import PartitionSpec as P
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.engine.backend import Completion, GenerationRequest, find_stop, prompt_too_long
-from autotraj_jax.engine.decode_step import step_forward
+from autotraj_jax.engine.decode_step import decode_weights, prefill_forward, rope_table, step_forward
 from autotraj_jax.engine.prefix_cache import PrefixIndex, pool_rows
 from autotraj_jax.engine.sampling import pick_tokens
 from autotraj_jax.models.config import ModelConfig
-from autotraj_jax.models.decoder import LayerCache, init_cache
+from autotraj_jax.models.decoder import LayerCache
 
 MAX_STOP_SEQS = 8   # stop strings per request checked on device
 MAX_STOP_LEN = 8    # tokens per stop string checked on device (longer: host check only)
@@ -174,23 +174,21 @@ class JaxEngine:
     cfg = self.model_cfg
     slots = jnp.arange(S)[None, :]
     if pool is None:
-      cache = init_cache(cfg, B, S)
+      prefix = None
       prefix_valid = jnp.zeros((B, S), bool)
     else:
-      Sp = pool[0].k.shape[2]
+      Sp = pool[0].k.shape[3]
       src = jnp.clip(jnp.arange(A)[None, :] - (A - cached_B[:, None]), 0, Sp - 1)  # [B, A]
       heads = jnp.arange(cfg.num_kv_heads)[None, :, None]
-      tail = jnp.zeros((B, cfg.num_kv_heads, S - A, cfg.head_dim), pool[0].k.dtype)
-      take = lambda a: jnp.concatenate([a[rows_B[:, None, None], heads, src[:, None, :]], tail], axis=2)
-      cache = [LayerCache(take(c.k), take(c.v)) for c in pool]
+      take = lambda a: a[rows_B[:, None, None], heads, :, src[:, None, :]]  # [B, K, A, H]
+      prefix = [LayerCache(take(c.k), take(c.v)) for c in pool]
       prefix_valid = (slots >= A - cached_B[:, None]) & (slots < A)
-    cache = [type(c)(*(self._constrain(a, P(shd.BATCH_AXES, None, None, None)) for a in c)) for c in cache]
     new_valid = jnp.zeros((B, S), bool).at[:, A:A + L].set(valid_BL.astype(bool))
     slot_valid = prefix_valid | new_valid
     positions = cached_B[:, None] + jnp.maximum(jnp.cumsum(valid_BL, axis=-1) - 1, 0)
-    mask = slot_valid[:, None, :] & (slots <= A + jnp.arange(L)[:, None])[None]
-    hidden, cache = model.model(tokens_BL, positions, mask, cache, A)
-    logits = model.logits(hidden[:, -1:])[:, 0]  # only the last position: [B, V], not [B, L, V]
+    mask = slot_valid[:, None, :A + L] & (slots[:, :A + L] <= A + jnp.arange(L)[:, None])[None]
+    logits, cache = prefill_forward(model, tokens_BL, positions, mask, prefix, S)
+    cache = [type(c)(*(self._constrain(a, P(shd.BATCH_AXES, None, None, None)) for a in c)) for c in cache]
     T = num_new
     return {"i": jnp.zeros((), jnp.int32), "t": jnp.zeros((), jnp.int32), "tokens": jnp.zeros((B, T), jnp.int32),
             "logprobs": jnp.zeros((B, T), jnp.float32), "window": jnp.full((B, MAX_STOP_LEN), -1, jnp.int32),
@@ -203,6 +201,9 @@ class JaxEngine:
     model = nnx.merge(self.graphdef, params)
     T = state["tokens"].shape[1]
     seqs, lens = const["stop_seqs"], const["stop_lens"]  # [B, NS, MAX_STOP_LEN] right-aligned, [B, NS]
+    # Once per call, outside the loop. Positions never exceed slots, so S positions suffice.
+    weights, head = decode_weights(model)
+    rope = rope_table(state["slot_valid"].shape[1], self.model_cfg.head_dim, self.model_cfg.rope_theta)
 
     def cond(s):
       return (s["i"] < const["chunk"]) & (s["t"] < T) & ~jnp.all(s["done"])
@@ -221,7 +222,7 @@ class JaxEngine:
       # Feed the token back: one step of the model at slot base + t.
       slot = const["base"] + t
       slot_valid = jax.lax.dynamic_update_slice(s["slot_valid"], jnp.ones((tok.shape[0], 1), bool), (0, slot))
-      logits, cache = step_forward(model, tok, s["pos"], s["cache"], slot, slot_valid)
+      logits, cache = step_forward(model, weights, head, rope, tok, s["pos"], s["cache"], slot, slot_valid)
       return {**s, "i": s["i"] + 1, "t": n_gen,
               "tokens": jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, t)),
               "logprobs": jax.lax.dynamic_update_slice(s["logprobs"], jnp.where(active, lp, 0.0)[:, None], (0, t)),
@@ -234,15 +235,15 @@ class JaxEngine:
     """Compact each row's prefix, new prompt tokens and completion into slots [0, n) of pool row
     `rows_B` (out of range: not kept); `pool` is donated and updated in place."""
     self.num_compiles += 1
-    S, Sp = cache[0].k.shape[2], pool[0].k.shape[2]
+    S, Sp = cache[0].k.shape[3], pool[0].k.shape[3]  # slot-minor: [B, K, H, S]
     W = min(S, Sp)
     j = jnp.arange(W)[None, :]
     c, n = cached_B[:, None], new_B[:, None]
     src = jnp.where(j < c, cached_len - c + j, cached_len + num_new_slots - n + (j - c))
-    src = jnp.clip(src, 0, S - 1)[:, None, :, None]
+    src = jnp.clip(src, 0, S - 1)[:, None, None, :]
 
     def put(p, a):
-      return p.at[rows_B, :, :W, :].set(jnp.take_along_axis(a, src, axis=2), mode="drop")
+      return p.at[rows_B, :, :, :W].set(jnp.take_along_axis(a, src, axis=3), mode="drop")
 
     return [LayerCache(put(p.k, a.k), put(p.v, a.v)) for p, a in zip(pool, cache)]
 
@@ -418,7 +419,10 @@ class JaxEngine:
     """Write each row's KV (prompt + completion) into its pool row and record its tokens."""
     index = self._index
     if self._pool is None:
-      self._pool = init_cache(self.model_cfg, index.rows, index.tokens.shape[1])
+      cfg = self.model_cfg
+      shape = (index.rows, cfg.num_kv_heads, cfg.head_dim, index.tokens.shape[1])  # slot-minor, as the cache
+      self._pool = [LayerCache(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+                    for _ in range(cfg.num_layers)]
     n = len(prompts)
     rows = np.full((B,), index.rows, np.int32)
     rows[:n] = plan.write
