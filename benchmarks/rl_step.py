@@ -47,6 +47,7 @@ import numpy as np
 
 from autotraj_jax.engine import EngineConfig, JaxEngine, SamplingParams
 from autotraj_jax.models import abstract_model, get_preset, init_model
+from autotraj_jax.pipeline.config import base_config
 from autotraj_jax.rewards import RewardConfig, compute_rewards
 from autotraj_jax.taskworld import read_split, write_world
 from autotraj_jax.tir.rollout import Query, RolloutConfig, run_rollouts
@@ -103,15 +104,16 @@ class GRPOBench:
                                 seed=args.seed))
     self.reward_cfg = RewardConfig(weights={"outcome": 1.0, "format": 0.5})
     self.rl_cfg = rl.RLConfig(advantage=args.advantage)
-    # The pipeline's engine buckets (experiments/configs/common.py); one new-token bucket that
-    # fits every turn, so decoding compiles once per (batch, prompt) shape.
+    # The pipeline's engine batch buckets (`engine.batch_buckets`, or --batch-buckets); one
+    # new-token bucket that fits every turn, so decoding compiles once per (batch, prompt) shape.
     self.engine = JaxEngine(graphdef, params, cfg, tokenizer, config=EngineConfig(
-        batch_buckets=(1, 4, 16, 64), prompt_buckets=(256, 512, 1024, 2048, 4096),
+        batch_buckets=args.batch_buckets, prompt_buckets=(256, 512, 1024, 2048, 4096),
         new_token_buckets=(args.max_tokens_per_turn,), chunk_steps=32, seed=args.seed))
     opt = make_optimizer(OptimizerConfig(learning_rate=args.learning_rate, total_steps=1000, grad_clip=1.0))
     # The state may share arrays with the engine; a donated step frees them, but the engine is
     # handed the new params right after each step, before it samples again.
     self.state = init_state(params, opt, args.seed)
+    self.update_shapes: set[tuple[int, ...]] = set()
     self.train_step = jax.jit(make_train_step(rl.make_policy_loss(graphdef, self.rl_cfg), opt),
                               donate_argnums=(0,))
     self.logprob_fn = jax.jit(rl.make_logprob_fn(graphdef))
@@ -150,6 +152,9 @@ class GRPOBench:
     if layout is not None:
       host = layout.pack(host)
     t3 = time.perf_counter()
+    shape = host["tokens"].shape
+    out["update_compiles"] = float(shape not in self.update_shapes)  # a new packed row count compiles
+    self.update_shapes.add(shape)
     self.state, m = self.train_step(self.state, {k_: jnp.asarray(v)[None] for k_, v in host.items()})
     self.engine.update_params(self.state.params)
     jax.block_until_ready((self.state, m))
@@ -231,6 +236,8 @@ def main():
   p.add_argument("--train-steps", type=int, default=5, help="timed SFT / RM steps")
   p.add_argument("--warmup", type=int, default=2, help="SFT / RM steps before timing (the first compiles)")
   p.add_argument("--parts", default="rl,sft,rm", help="comma list of rl, sft, rm")
+  p.add_argument("--batch-buckets", type=lambda v: tuple(int(x) for x in v.split(",")),
+                 default=tuple(base_config().engine.batch_buckets), help="engine batch buckets (default: the config's)")
   p.add_argument("--no-pack", dest="pack", action="store_false",
                  help="one trajectory per row in the update (default: packed rows, as rl.pack=True)")
   p.add_argument("--seed", type=int, default=0)
@@ -280,6 +287,11 @@ def bench_rl(args, cfg, graphdef, params, tokenizer, tmp: str) -> list[tuple[str
   for ph in PHASES:
     rows.append((f"  {ph}", f"{secs(mean[ph])} ({100 * mean[ph] / total:.0f}%)",
                  f"warm-up step: {secs(warm[ph])}"))
+  steady = [r for r in timed if not r["engine_compiles"] and not r["update_compiles"]]
+  if steady:
+    rows.append(("GRPO step without compiles", f"{np.mean([sum(r[ph] for ph in PHASES) for r in steady]):.2f} s",
+                 f"mean of the {len(steady)} timed steps that compiled nothing (engine or update); rollout "
+                 f"{np.mean([r['rollout'] for r in steady]):.2f}, update {np.mean([r['update'] for r in steady]):.2f}"))
   rows.append(("warm-up step (compiles)", f"{sum(warm[ph] for ph in PHASES):.2f} s",
                f"{sum(warm[ph] for ph in PHASES) - total:+.2f} s over a timed step; "
                f"engine compiles {warm['engine_compiles']:.0f} then {sum(r['engine_compiles'] for r in timed):.0f} "

@@ -221,7 +221,7 @@ SCHEMA: dict[str, Any] = dict(
                   checkpoint=F("", "checkpoint dir of the repairer ('': <workdir>/repairer, else the policy)",
                                dir_or_empty, path=True),
                   sglang_urls=F((), "servers of the repairer (empty: sglang.urls)")),
-    engine=dict(batch_buckets=F((1, 4, 16, 64), "padded batch sizes of the in-process engine", buckets),
+    engine=dict(batch_buckets=F((1, 2, 4, 8, 16, 32, 64), "padded batch sizes of the in-process engine", buckets),
                 prompt_buckets=F((128, 256, 384, 512, 768, 1024, 2048), "padded prompt lengths in tokens; a "
                                  "longer prompt is recorded as a failure (finish reason prompt_too_long)", buckets),
                 new_token_buckets=F((96, 256, 512), "padded new-token budgets per call", buckets),
