@@ -10,10 +10,10 @@ with a repairer that sees only the question (the authors' code; sft_question.jso
 Stage 2: evaluates the base policy, SFT on high-quality only, AutoTraj SFT (high-quality + repaired),
 the same SFT with the question-only repairs, trains the Bradley-Terry RM on the pairs, runs GRPO
 with outcome + format rewards and with outcome + format + RM from the AutoTraj SFT policy, evaluates
-each on held-out test questions and writes results.json, results.md and plots/. Expected runtime on
-a quiet 2-core CPU: about 19 minutes (generation 1.5, each repair 2.5, each evaluation 0.3, each SFT
-1.1, the RM 1.5, each GRPO variant 2.6). Expected result: the table of `results.rows` in results.md
-(figures of runs are in the README).
+each on held-out test questions and writes results.json, results.md and plots/. Measured runtime on
+a quiet 2-core CPU: 23 minutes (generation 2.4, repair 2.5, question-only repair 1.3, each evaluation
+0.5, each SFT 1.5-1.7, the RM 1.9, each GRPO variant 3.5). Expected result: the table of
+`results.rows` in results.md (figures of runs are in the README).
 """
 
 import os
