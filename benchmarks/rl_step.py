@@ -139,9 +139,7 @@ class GRPOBench:
     if layout is None:
       old_logp = self.logprob_fn(self.state.params, dev)
     else:
-      packed = {k_: jnp.asarray(v) for k_, v in layout.pack(
-          {"tokens": batch["tokens"], "valid": batch["valid"], "loss_mask": batch["loss_mask"]}).items()}
-      old_logp = jnp.asarray(layout.unpack_BT(self.logprob_fn(self.state.params, packed)))
+      old_logp = layout.forward_BT(self.logprob_fn, self.state.params, batch)
     mask = rl.shifted_mask(dev)
     adv = rl.estimate_advantages(self.rl_cfg.advantage, rl.AdvantageInputs(
         rewards_B=jnp.asarray(rewards, jnp.float32), group_size=self.n, mask_BT=mask,

@@ -29,6 +29,15 @@ def assert_grads_close(g_a, g_b):
     assert np.max(np.abs(a - b)) <= 1e-3 * np.max(np.abs(b)) + 1e-7
 
 
+def loss_and_grads(loss_fn, params, batch):
+  """(sum, count, aux, grads of the sum) of a `make_train_step` loss on one host batch."""
+  def f(p):
+    s, c, aux = loss_fn(p, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    return s, (c, aux)
+  (s, (c, aux)), g = jax.value_and_grad(f, has_aux=True)(params)
+  return s, c, aux, g
+
+
 def sequences(n, seed=0, lo=3, hi=40):
   rng = np.random.default_rng(seed)
   out = []
@@ -103,13 +112,8 @@ def test_sft_packed_equals_unpacked_per_token_and_gradients():
       np.testing.assert_allclose(nll_pk[r, at:at + n - 1], nll_un[i, :n - 1], rtol=2e-5, atol=2e-5)
       at += n
   loss_fn = make_sft_loss(graphdef)
-
-  def value_and_grad(batch):
-    (s, (c, _)), g = jax.value_and_grad(lambda p: (lambda o: (o[0], (o[1], o[2])))(
-        loss_fn(p, {k: jnp.asarray(v) for k, v in batch.items()}, None)), has_aux=True)(params)
-    return s, c, g
-  s_un, c_un, g_un = value_and_grad(un)
-  s_pk, c_pk, g_pk = value_and_grad(pk)
+  s_un, c_un, _, g_un = loss_and_grads(loss_fn, params, un)
+  s_pk, c_pk, _, g_pk = loss_and_grads(loss_fn, params, pk)
   assert float(c_un) == float(c_pk) > 0
   np.testing.assert_allclose(s_pk, s_un, rtol=1e-5)
   assert_grads_close(g_pk, g_un)
@@ -128,14 +132,8 @@ def test_rm_packed_equals_unpacked_loss_and_gradients():
   assert pk["tokens"].size < un["tokens"].size
   loss_fn = make_rm_loss(graphdef, center_coef=0.01)
 
-  def run(batch):
-    def f(p):
-      s, c, aux = loss_fn(p, {k: jnp.asarray(v) for k, v in batch.items()}, None)
-      return s, (c, aux)
-    (s, (c, aux)), g = jax.value_and_grad(f, has_aux=True)(params)
-    return s, c, aux, g
-  s_un, c_un, aux_un, g_un = run(un)
-  s_pk, c_pk, aux_pk, g_pk = run(pk)
+  s_un, c_un, aux_un, g_un = loss_and_grads(loss_fn, params, un)
+  s_pk, c_pk, aux_pk, g_pk = loss_and_grads(loss_fn, params, pk)
   assert float(c_un) == float(c_pk) == 7
   np.testing.assert_allclose(s_pk, s_un, rtol=1e-5)
   for k in ("correct", "margin", "chosen", "rejected"):
@@ -160,14 +158,8 @@ def test_rl_policy_loss_packed_equals_unpacked(agg):
   assert pk["adv"].shape == (pk["tokens"].shape[0], T)
   loss_fn = rl.make_policy_loss(graphdef, rl.RLConfig(agg=agg, kl_coef=0.05, entropy_coef=0.01))
 
-  def run(batch):
-    def f(p):
-      s, c, aux = loss_fn(p, {k: jnp.asarray(v) for k, v in batch.items()}, None)
-      return s, (c, aux)
-    (s, (c, aux)), g = jax.value_and_grad(f, has_aux=True)(params)
-    return s, c, aux, g
-  s_un, c_un, aux_un, g_un = run(un)
-  s_pk, c_pk, aux_pk, g_pk = run(pk)
+  s_un, c_un, aux_un, g_un = loss_and_grads(loss_fn, params, un)
+  s_pk, c_pk, aux_pk, g_pk = loss_and_grads(loss_fn, params, pk)
   np.testing.assert_allclose(c_pk, c_un)
   np.testing.assert_allclose(s_pk, s_un, rtol=1e-5, atol=1e-6)
   for k in ("tokens", "seqs", "clipfrac_sum", "kl_sum", "entropy_sum"):

@@ -87,6 +87,12 @@ class RowLayout:
     packed = packing.pack(items, self.rows, L)
     return {k: v[:, 1:] if k in aligned else v for k, v in packed.items()}
 
+  def forward_BT(self, fn: Any, params: Any, batch: dict[str, np.ndarray]) -> jax.Array:
+    """`fn(params, packed batch)` (next-token-aligned [R, T], e.g. log-probs or values) run on
+    these rows and returned per trajectory as [B, T]."""
+    packed = self.pack({k: batch[k] for k in ("tokens", "valid", "loss_mask")})
+    return jnp.asarray(self.unpack_BT(fn(params, {k: jnp.asarray(v) for k, v in packed.items()})))
+
   def unpack_BT(self, x_RT: Any) -> np.ndarray:
     """Packed next-token-aligned values [R, T] -> [B, T] (0 past each trajectory's end)."""
     x = np.asarray(x_RT)

@@ -214,14 +214,12 @@ class Learner:
     """Log-probs, values and advantages of the batch under the current params. When the policy
     trainer packs, the forwards run on packed rows and come back as [B, T]."""
     obj = self.cfg.objective
-    layout = packed = None
+    layout = None
     if self.policy.trainer.cfg.pack:
       layout = RowLayout.of(host["valid"], self.policy.trainer.packed_rows(len(host["valid"])))
-      packed = {k: jnp.asarray(v) for k, v in layout.pack(
-          {"tokens": host["tokens"], "valid": host["valid"], "loss_mask": host["loss_mask"]}).items()}
 
     def forward(fn, params):
-      return fn(params, dev) if layout is None else jnp.asarray(layout.unpack_BT(fn(params, packed)))
+      return fn(params, dev) if layout is None else layout.forward_BT(fn, params, host)
     old_logp = forward(self._logprob_fn, self.policy.state.params)
     ref_logp = forward(self._logprob_fn, self._ref) if self._ref is not None else old_logp
     mask = shifted_mask(dev)
