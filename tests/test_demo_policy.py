@@ -43,8 +43,11 @@ def test_each_flaw_is_caught_by_the_scorers(demo_tokenizer, tasks_and_corpus, fl
     assert bad != clean
     traj = _quality(demo_tokenizer, task, bad)
     assert traj.quality in (LOW, WRONG), (flaw, bad, traj.scores)
-    if flaw == "guess":
+    if flaw in ("guess", "copy_error"):
       assert traj.quality == WRONG
+    if flaw == "copy_error":  # the tool calls and their results are the reference's own
+      *calls, last = bad.split("</result>")
+      assert calls == clean.split("</result>")[:-1] and task.answer not in last
     if flaw == "broken_tags":
       assert validate(bad)
 
@@ -63,3 +66,18 @@ def test_warmstart_mix_follows_the_rates(demo_tokenizer, tasks_and_corpus):
   _, counts = warmstart_examples(demo_tokenizer, tasks, corpus, rates=FlawRates(), seed=0, repair_fraction=0.5,
                                  run_code=lambda src: FAILED)
   assert counts["repair"] > 0
+
+
+def test_repair_demonstrations_draw_only_the_given_flaws(demo_tokenizer, tasks_and_corpus):
+  """A repairer's data: every demonstration repairs one of `repair_flaws` into the clean reference."""
+  tasks, corpus = tasks_and_corpus
+  none = FlawRates(**{f: 0.0 for f in FLAWS})
+  exs, counts = warmstart_examples(demo_tokenizer, tasks, corpus, rates=none, seed=0, repair_fraction=1.0,
+                                   run_code=lambda src: FAILED, repair_flaws=("copy_error",))
+  assert counts["repair"] == len(exs) == len(tasks)  # a miscopied answer is always wrong, so always repaired
+  for ex, task in zip(exs[:5], tasks):
+    text = demo_tokenizer.decode(ex["tokens"])
+    assert prompts.WRONG_ANSWER_SYSTEM in text and text.count(f"\\boxed{{{task.answer}}}") == 1
+  _, counts = warmstart_examples(demo_tokenizer, tasks, corpus, rates=none, seed=0, repair_fraction=0.0,
+                                 run_code=lambda src: FAILED, repair_flaws=("copy_error",))
+  assert counts["clean"] == len(tasks) and counts["repair"] == 0

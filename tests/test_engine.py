@@ -169,11 +169,20 @@ def test_sharded_engine_matches_single_device(hf_model, demo_tokenizer, engine):
   mesh = shd.make_mesh(shd.MeshConfig(data=4, fsdp=1, tp=2))
   eng = JaxEngine(graphdef, shd.shard_params(params, mesh), cfg, demo_tokenizer, mesh=mesh,
                   config=EngineConfig(batch_buckets=(4, 8), prompt_buckets=(16, 32), new_token_buckets=(16,),
-                                      chunk_steps=8))
+                                      chunk_steps=8, prefix_min_match=2))
   reqs = [GenerationRequest(demo_tokenizer.encode(p), greedy(12)) for p in PROMPTS]
   for a, b in zip(eng.generate(reqs), engine.generate(reqs)):
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+  # The prefix cache's pool is split over the 4 data shards, not copied to all 8 devices (on a
+  # pod slice a copy per chip; on fake CPU devices, 8x the host memory).
+  k = eng._pool[0].k
+  assert {s.data.shape[0] for s in k.addressable_shards} == {k.shape[0] // 4}
+  eng.reset_stats()
+  again = eng.generate(reqs)  # the next call reads its prefixes from the sharded pool
+  assert eng.prefill_ratio < 0.5
+  for a, b in zip(again, engine.generate(reqs)):
+    assert a.token_ids == b.token_ids
 
 
 def test_bad_requests(engine):

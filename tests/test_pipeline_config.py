@@ -55,9 +55,13 @@ def test_bad_overrides_name_the_field(key, raw, message):
     (lambda c: c.engine.update(prompt_buckets=(512, 256)), r"engine.prompt_buckets.*ascending"),
     (lambda c: c.update(stages=("sft:nope",)), r"sft:nope.*sft_variants"),
     (lambda c: c.update(workdir=""), r"workdir is not set"),
+    (lambda c: c.warmstart.update(steps=3), r"warmstart.warmup_steps = 50 exceeds config.warmstart.steps = 3"),
+    (lambda c: c.warmstart.update(name="repairer"), r"repairer.hf_dir is set while"),
+    (lambda c: c.warmstart.update(repair_flaws=("guess", "typo")), r"warmstart.repair_flaws.*must be a tuple of"),
 ])
 def test_validate_refuses_bad_values_before_work_starts(edit, message):
   c = C.base_config()
+  c.repairer.hf_dir = C.DEMO_POLICY  # any HF directory (for the conflict case)
   c.workdir = "/tmp/w"
   edit(c)
   with pytest.raises(C.ConfigError, match=message):

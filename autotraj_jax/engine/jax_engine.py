@@ -121,6 +121,8 @@ class JaxEngine:
     self._store = jax.jit(self._store_fn, donate_argnums=(0,))
     self._batch_multiple = 1 if mesh is None else math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
     rows = pool_rows(model_cfg, config)
+    if rows >= self._batch_multiple:  # rows split evenly over the mesh's batch axes, not copied to every device
+      rows -= rows % self._batch_multiple
     self._index = PrefixIndex(rows, config.prefix_cache_len) if rows else None
     self._pool: list[LayerCache] | None = None
     self.reset_stats()
@@ -245,7 +247,15 @@ class JaxEngine:
     def put(p, a):
       return p.at[rows_B, :, :, :W].set(jnp.take_along_axis(a, src, axis=3), mode="drop")
 
-    return [LayerCache(put(p.k, a.k), put(p.v, a.v)) for p, a in zip(pool, cache)]
+    pool_spec = self._pool_spec()
+    keep = (lambda x: x) if pool_spec is None else (lambda x: self._constrain(x, pool_spec))
+    return [LayerCache(keep(put(p.k, a.k)), keep(put(p.v, a.v))) for p, a in zip(pool, cache)]
+
+  def _pool_spec(self) -> P | None:
+    """The prefix-cache pool's rows sharded like a batch (None: no mesh, or rows that do not split)."""
+    if self.mesh is None or self._index is None or self._index.rows % self._batch_multiple:
+      return None
+    return P(shd.BATCH_AXES, None, None, None)
 
   # -- host side ---------------------------------------------------------------------------
 
@@ -421,7 +431,10 @@ class JaxEngine:
     if self._pool is None:
       cfg = self.model_cfg
       shape = (index.rows, cfg.num_kv_heads, cfg.head_dim, index.tokens.shape[1])  # slot-minor, as the cache
-      self._pool = [LayerCache(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+      spec = self._pool_spec()
+      where = None if spec is None else NamedSharding(self.mesh, spec)
+      self._pool = [LayerCache(jnp.zeros(shape, cfg.jnp_dtype, device=where), jnp.zeros(shape, cfg.jnp_dtype,
+                                                                                     device=where))
                     for _ in range(cfg.num_layers)]
     n = len(prompts)
     rows = np.full((B,), index.rows, np.int32)

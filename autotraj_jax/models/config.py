@@ -124,6 +124,10 @@ PRESETS: dict[str, ModelConfig] = {
     "demo": ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4,
                         num_heads=2, num_kv_heads=2, head_dim=128, rope_theta=10000.0,
                         max_position_embeddings=4096),
+    # The demo's repairer: ~2.5x the demo policy, as a strong LLM stands to a small policy.
+    "demo-repairer": ModelConfig(vocab_size=2048, hidden_size=384, intermediate_size=1024, num_layers=5,
+                                 num_heads=3, num_kv_heads=3, head_dim=128, rope_theta=10000.0,
+                                 max_position_embeddings=4096),
 }
 
 

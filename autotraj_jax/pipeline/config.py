@@ -114,6 +114,7 @@ def mesh_axis(v: Any) -> str | None:
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_POLICY = os.path.join(ROOT, "assets", "demo_policy")
+DEMO_REPAIRER = os.path.join(ROOT, "assets", "demo_repairer")
 
 
 def rollout(temperature: float, top_p: float = 1.0, **kw: Any) -> dict[str, F]:
@@ -191,7 +192,9 @@ SCHEMA: dict[str, Any] = dict(
                difficulty=F((1,), "difficulty levels mixed in every split", subset_of(1, 2, 3)),
                num_entities=F(1200, "invented people, towns and companies in the corpus", positive)),
     tokenizer=dict(vocab_size=F(4096, "BPE vocabulary of the locally trained tokenizer", positive),
-                   num_tasks=F(1500, "rendered tasks in the tokenizer's training text", positive)),
+                   num_tasks=F(1500, "rendered tasks in the tokenizer's training text", positive),
+                   copy_from=F("", "HF directory whose tokenizer the tokenizer stage copies ('': model.hf_dir's, "
+                               "or a BPE trained on the world when that is empty too)", hf_dir_or_empty, path=True)),
     model=dict(hf_dir=F(DEMO_POLICY, "HF checkpoint of the starting policy (weights, tokenizer, chat template); "
                         "default: the shipped demo policy; '' warm-starts the demo policy from scratch",
                         hf_dir_or_empty, path=True),
@@ -205,19 +208,30 @@ SCHEMA: dict[str, Any] = dict(
                tokenizer_dir=F("", "HF tokenizer directory ('': the workdir's tokenizer/)", dir_or_empty,
                                path=True)),
     warmstart=dict(
+        name=F("policy", "model it trains, by name in the workdir ('repairer': a repairer, exported the same way)",
+               one_of("policy", "repairer")),
         num_tasks=F(5000, "warm-start training tasks (disjoint from stage-1 questions)", positive),
         **trainer(1500, 16, (256, 384, 512, 1024), 3e-3, 50, weight_decay=0.01, log_every=10, checkpoint_every=100),
         repair_fraction=F(0.2, "share of warm-start examples that are repair demonstrations", unit_interval),
+        repair_flaws=F(("hedge", "repeat_call", "failed_call", "verbose", "broken_tags", "guess"),
+                       "flaws of the originals of repair demonstrations (drawn uniformly)",
+                       subset_of("hedge", "repeat_call", "failed_call", "verbose", "broken_tags", "guess",
+                                 "copy_error")),
         flaws=dict(hedge=F(0.12, "rate of hedging words in reasoning", unit_interval),
                    repeat_call=F(0.08, "rate of a repeated identical tool call", unit_interval),
                    failed_call=F(0.08, "rate of a failing tool call", unit_interval),
                    verbose=F(0.08, "rate of padded, verbose reasoning", unit_interval),
                    broken_tags=F(0.04, "rate of a broken tag", unit_interval),
-                   guess=F(0.25, "rate of answering without a tool", unit_interval))),
+                   guess=F(0.25, "rate of answering without a tool", unit_interval),
+                   copy_error=F(0.0, "rate of a final answer miscopied from a correct tool result",
+                                unit_interval))),
     policy=dict(name=F("demo-policy", "name recorded in provenance"),
                 checkpoint=F("", "checkpoint dir of the policy ('': <workdir>/policy)", dir_or_empty, path=True),
                 sglang_urls=F((), "servers of the policy (empty: sglang.urls)")),
     repairer=dict(name=F("demo-policy", "name recorded in provenance"),
+                  hf_dir=F("", "HF checkpoint the warmstart stage imports as the repairer (e.g. assets/demo_repairer; "
+                           "it must share the policy's tokenizer); '': the checkpoint below", hf_dir_or_empty,
+                           path=True),
                   checkpoint=F("", "checkpoint dir of the repairer ('': <workdir>/repairer, else the policy)",
                                dir_or_empty, path=True),
                   sglang_urls=F((), "servers of the repairer (empty: sglang.urls)")),
@@ -467,6 +481,13 @@ def validate(config: ml_collections.ConfigDict, *, require_workdir: bool = True,
     if variant and f"{kind}_variants" in config and variant not in config[f"{kind}_variants"]:
       raise ConfigError(f"config.stages: {name!r} names no entry of config.{kind}_variants "
                         f"({', '.join(sorted(config[f'{kind}_variants']))})")
+  for node in ("warmstart", "sft", "rm", "rl"):
+    steps, warmup = config[node].steps, config[node].warmup_steps
+    if warmup > steps:
+      raise ConfigError(f"config.{node}.warmup_steps = {warmup} exceeds config.{node}.steps = {steps}")
+  if config.warmstart.name == "repairer" and config.repairer.hf_dir:
+    raise ConfigError("config.repairer.hf_dir is set while config.warmstart.name = 'repairer' trains one: "
+                      "pick one source of the repairer")
 
 
 def _check(values: Mapping[str, Any], schema: Mapping[str, Any], path: list[str], check_paths: bool) -> None:

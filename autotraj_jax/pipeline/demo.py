@@ -42,13 +42,15 @@ def _hf_dir(config) -> str | None:
 
 
 def tokenizer_stage(config, wd: Workdir) -> None:
-  """The policy's tokenizer and chat template (from model.hf_dir), or a BPE trained on the world."""
-  hf_dir = _hf_dir(config)
+  """The policy's tokenizer and chat template (from tokenizer.copy_from or model.hf_dir), or a BPE
+  trained on the world. A demo repairer copies the demo policy's: repairs become the policy's SFT
+  data token for token."""
+  hf_dir = config.tokenizer.copy_from or _hf_dir(config)
   if hf_dir:
     from autotraj_jax.models.hf import copy_sidecar_files
     from autotraj_jax.tokenizer import load_tokenizer
     if not copy_sidecar_files(hf_dir, wd.path("tokenizer")):
-      raise FileNotFoundError(f"model.hf_dir {hf_dir} has no tokenizer files (tokenizer.json)")
+      raise FileNotFoundError(f"{hf_dir} has no tokenizer files (tokenizer.json)")
     load_tokenizer(wd.path("tokenizer"))  # a corrupt tokenizer fails here, not in a later stage
     return
   from autotraj_jax.taskworld import read_corpus, read_split, render_reference_trajectory
@@ -74,15 +76,13 @@ def warmstart_stage(config, wd: Workdir) -> None:
   from autotraj_jax.training.trainer import Trainer
 
   node = config.warmstart
+  if config.repairer.hf_dir:
+    _import_hf(config, wd, config.repairer.hf_dir, "repairer", same_tokenizer_as=builders.tokenizer_dir(config, wd))
   hf_dir = _hf_dir(config)
   if hf_dir:
-    from autotraj_jax.checkpoint import save_model
-    from autotraj_jax.models.hf import load_hf
-    cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype=config.model.param_dtype)
-    cfg = cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk)  # kept by later stages
-    save_model(wd.model_dir("policy"), params, cfg, kind=kind, extra_meta={"source": hf_dir})
+    _import_hf(config, wd, hf_dir, "policy")
     return
-  tokenizer = load_tokenizer(wd.path("tokenizer"))
+  tokenizer = load_tokenizer(builders.tokenizer_dir(config, wd))
   corpus = read_corpus(wd.path("world", "corpus.jsonl"))
   train = read_split(wd.path("world", "train.jsonl"))
   tasks = train[config.generate.num_queries:][:node.num_tasks]  # disjoint from stage-1 queries
@@ -90,10 +90,11 @@ def warmstart_stage(config, wd: Workdir) -> None:
   try:
     examples, counts = warmstart_examples(
         tokenizer, tasks, corpus, rates=FlawRates(**dict(node.flaws)), seed=config.seed,
-        repair_fraction=node.repair_fraction, run_code=lambda src: code(src).output)
+        repair_fraction=node.repair_fraction, run_code=lambda src: code(src).output,
+        repair_flaws=tuple(node.repair_flaws))
   finally:
     getattr(code, "close", lambda: None)()
-  with open(wd.path("policy", "warmstart_data.json"), "w") as f:
+  with open(wd.path(node.name, "warmstart_data.json"), "w") as f:
     json.dump(counts, f, indent=2)
   log.info("warmstart examples: %s", counts)
   model_cfg = get_preset(config.model.preset, vocab_size=len(tokenizer), remat=config.model.remat,
@@ -101,7 +102,7 @@ def warmstart_stage(config, wd: Workdir) -> None:
   graphdef, params = init_model(model_cfg, seed=config.seed)
   cfg = builders.train_config(node, seed=config.seed, pad_id=tokenizer.pad_token_id or 0)
   trainer = Trainer(cfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=builders.make_mesh(config),
-                    workdir=wd.path("policy"), meta={"model_config": model_cfg.to_dict(), "model_kind": "causal_lm"},
+                    workdir=wd.path(node.name), meta={"model_config": model_cfg.to_dict(), "model_kind": "causal_lm"},
                     desc="warmstart")
   try:
     trainer.run(examples)
@@ -109,13 +110,32 @@ def warmstart_stage(config, wd: Workdir) -> None:
     trainer.close()
 
 
-def export_policy_stage(config, wd: Workdir) -> None:
-  """The warm-started policy as an HF directory (bf16 safetensors + tokenizer) at export_dir.
+def _import_hf(config, wd: Workdir, hf_dir: str, name: str, same_tokenizer_as: str | None = None) -> None:
+  """An HF checkpoint's weights as workdir model `name` (what later stages load by name)."""
+  from autotraj_jax.checkpoint import save_model
+  from autotraj_jax.models.hf import load_hf
+  if same_tokenizer_as is not None and not _same_file(os.path.join(hf_dir, "tokenizer.json"),
+                                                      os.path.join(same_tokenizer_as, "tokenizer.json")):
+    raise ValueError(f"{hf_dir}/tokenizer.json differs from the policy's ({same_tokenizer_as}): the {name} must "
+                     "share the policy's tokenizer, since its outputs become the policy's training data")
+  cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype=config.model.param_dtype)
+  cfg = cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk)  # kept by later stages
+  save_model(wd.model_dir(name), params, cfg, kind=kind, extra_meta={"source": hf_dir})
 
-  This is how `assets/demo_policy` is made."""
+
+def _same_file(a: str, b: str) -> bool:
+  if not (os.path.isfile(a) and os.path.isfile(b)):
+    return False
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()
+
+
+def export_policy_stage(config, wd: Workdir) -> None:
+  """The warm-started model (`warmstart.name`) as an HF directory (bf16 safetensors + tokenizer) at
+  export_dir. This is how `assets/demo_policy` and `assets/demo_repairer` are made."""
   from autotraj_jax.checkpoint import load_model
   from autotraj_jax.models.hf import save_hf
-  cfg, kind, params = load_model(wd.path("policy", "checkpoints"))
+  cfg, kind, params = load_model(wd.path(config.warmstart.name, "checkpoints"))
   params = jax.tree.map(lambda x: x.astype("bfloat16"), params)
   save_hf(config.export_dir, params, cfg.replace(param_dtype="bfloat16", dtype="float32"), kind=kind,
           tokenizer_dir=wd.path("tokenizer"))

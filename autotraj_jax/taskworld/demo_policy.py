@@ -3,9 +3,10 @@
 No pretrained weights can be downloaded, so the demo policy is trained from scratch on
 reference trajectories of the task world with controlled imperfections mixed in: hedging in
 the reasoning, identical repeated tool calls, a failing first call, verbose repeated sentences,
-broken tags, and answering without the tool (and getting it wrong). The same model is also the
-demo repairer: it is trained on repair demonstrations (question + flawed trajectory + the
-scorers' diagnosis -> the clean trajectory), so stage 1 runs with one small checkpoint.
+broken tags, answering without the tool (and getting it wrong), and miscopying a correct tool
+result into the answer. Repair demonstrations (question + flawed trajectory + the scorers'
+diagnosis -> the clean trajectory) teach repairing: a share of the policy's data, so that one
+small checkpoint can run stage 1, or most of a separate repairer's (`warmstart.name='repairer'`).
 
 Solving a task is mostly copying names and numbers between the question, the tool calls and the
 results; the local tokenizer cuts numbers into 1-3 digit tokens that read the same wherever they
@@ -30,7 +31,10 @@ _RESULT_RE = re.compile(r"\n<result>\n.*?\n</result>\n", re.DOTALL)
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _CALL_RE = re.compile(r"<(code|search)>(.*?)</\1>\s*$", re.DOTALL)
 
-FLAWS = ("hedge", "repeat_call", "failed_call", "verbose", "broken_tags", "guess")
+FLAWS = ("hedge", "repeat_call", "failed_call", "verbose", "broken_tags", "guess", "copy_error")
+# The flaws of the shipped policy's repair demonstrations (copy_error came later: kept out of its
+# draw so that its config still reproduces it).
+POLICY_REPAIR_FLAWS = FLAWS[:6]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class FlawRates:
   verbose: float = 0.08
   broken_tags: float = 0.04
   guess: float = 0.25
+  copy_error: float = 0.0
 
   def pick(self, rng: random.Random) -> str | None:
     r = rng.random()
@@ -93,6 +98,11 @@ def flawed(text: str, task: Task, flaw: str, rng: random.Random, *, failed_outpu
     i = text.rfind("</think>")
     return text[:i] + text[i + len("</think>"):] if rng.random() < 0.5 else \
         text.replace("<answer>", "So the answer follows.\n<answer>", 1)
+  if flaw == "copy_error":  # the tools were right; the last thought and the answer misread the result
+    wrong = _perturb(task.answer, rng, other_answers)
+    i = text.rfind("</result>")
+    i = 0 if i < 0 else i
+    return text[:i] + text[i:].replace(task.answer, wrong)
   if flaw == "guess":
     guess = _perturb(task.answer, rng, other_answers)
     plan = pieces[0][1].split("</think>")[0] + "</think>\n"
@@ -136,9 +146,11 @@ def to_trajectory(tokenizer, task: Task, prompt_ids: list[int], text: str, *, so
 
 
 def warmstart_examples(tokenizer, tasks: Sequence[Task], corpus: Any, *, rates: FlawRates, seed: int,
-                       repair_fraction: float, run_code: Callable[[str], str],
-                       scoring_preset: str = "autotraj") -> tuple[list[dict[str, list[int]]], dict[str, int]]:
-  """Training examples ({tokens, loss_mask}) for the demo policy + repairer, and their counts."""
+                       repair_fraction: float, run_code: Callable[[str], str], scoring_preset: str = "autotraj",
+                       repair_flaws: Sequence[str] = POLICY_REPAIR_FLAWS) -> tuple[list[dict[str, list[int]]],
+                                                                                   dict[str, int]]:
+  """Training examples ({tokens, loss_mask}) for the demo policy + repairer, and their counts; a
+  repair demonstration's flaw is drawn uniformly from `repair_flaws`."""
 
   rng = random.Random(seed)
   outputs = reference_tool_outputs(tasks, corpus)
@@ -152,7 +164,7 @@ def warmstart_examples(tokenizer, tasks: Sequence[Task], corpus: Any, *, rates: 
     clean = render_reference_trajectory(task, outs, corpus=corpus)
     p_ids = prompts.prompt_ids(tokenizer, task.question)
     if rng.random() < repair_fraction:
-      flaw = rng.choice(FLAWS)
+      flaw = rng.choice(tuple(repair_flaws))
       bad_text = flawed(clean, task, flaw, rng, failed_output=failed_output,
                         other_answers=answers_by_family[task.family])
       bad = to_trajectory(tokenizer, task, p_ids, bad_text, source="demo-flawed", failed_outputs=(failed_output,))

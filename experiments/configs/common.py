@@ -1,6 +1,6 @@
 """Shared pieces of the configs: the typed base config (every field, documented) and the stage lists."""
 
-from autotraj_jax.pipeline.config import DEMO_POLICY, base_config  # noqa: F401  (re-exported for configs)
+from autotraj_jax.pipeline.config import DEMO_POLICY, DEMO_REPAIRER, base_config  # noqa: F401  (re-exported)
 
 # `repair:question` / `datasets:question` repeat repair with a repairer that sees only the question (the
 # authors' code) into repairs_question.jsonl / sft_question.jsonl; `sft:autotraj_question` trains on that.
