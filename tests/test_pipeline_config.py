@@ -58,6 +58,7 @@ def test_bad_overrides_name_the_field(key, raw, message):
     (lambda c: c.warmstart.update(steps=3), r"warmstart.warmup_steps = 50 exceeds config.warmstart.steps = 3"),
     (lambda c: c.warmstart.update(name="repairer"), r"repairer.hf_dir is set while"),
     (lambda c: c.warmstart.update(repair_flaws=("guess", "typo")), r"warmstart.repair_flaws.*must be a tuple of"),
+    (lambda c: c.tokenizer.update(copy_from="/tmp"), r"tokenizer.copy_from = '/tmp': .*no tokenizer"),
 ])
 def test_validate_refuses_bad_values_before_work_starts(edit, message):
   c = C.base_config()

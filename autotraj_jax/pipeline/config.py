@@ -98,6 +98,12 @@ def dir_or_empty(v: Any) -> str | None:
   return None if not v or os.path.isdir(os.path.expanduser(v)) else f"directory {v!r} does not exist"
 
 
+def tokenizer_dir_or_empty(v: Any) -> str | None:
+  if not v or os.path.isfile(os.path.join(os.path.expanduser(v), "tokenizer.json")):
+    return None
+  return f"{v!r} holds no tokenizer (tokenizer.json)"
+
+
 def hf_dir_or_empty(v: Any) -> str | None:
   if not v:
     return None
@@ -194,7 +200,8 @@ SCHEMA: dict[str, Any] = dict(
     tokenizer=dict(vocab_size=F(4096, "BPE vocabulary of the locally trained tokenizer", positive),
                    num_tasks=F(1500, "rendered tasks in the tokenizer's training text", positive),
                    copy_from=F("", "HF directory whose tokenizer the tokenizer stage copies ('': model.hf_dir's, "
-                               "or a BPE trained on the world when that is empty too)", hf_dir_or_empty, path=True)),
+                               "or a BPE trained on the world when that is empty too)", tokenizer_dir_or_empty,
+                               path=True)),
     model=dict(hf_dir=F(DEMO_POLICY, "HF checkpoint of the starting policy (weights, tokenizer, chat template); "
                         "default: the shipped demo policy; '' warm-starts the demo policy from scratch",
                         hf_dir_or_empty, path=True),
