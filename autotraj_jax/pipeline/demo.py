@@ -11,6 +11,7 @@ with no server and no download.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
@@ -114,20 +115,14 @@ def _import_hf(config, wd: Workdir, hf_dir: str, name: str, same_tokenizer_as: s
   """An HF checkpoint's weights as workdir model `name` (what later stages load by name)."""
   from autotraj_jax.checkpoint import save_model
   from autotraj_jax.models.hf import load_hf
-  if same_tokenizer_as is not None and not _same_file(os.path.join(hf_dir, "tokenizer.json"),
-                                                      os.path.join(same_tokenizer_as, "tokenizer.json")):
+  ours, theirs = os.path.join(hf_dir, "tokenizer.json"), os.path.join(same_tokenizer_as or "", "tokenizer.json")
+  if same_tokenizer_as is not None and not (os.path.isfile(ours) and os.path.isfile(theirs)
+                                            and filecmp.cmp(ours, theirs, shallow=False)):
     raise ValueError(f"{hf_dir}/tokenizer.json differs from the policy's ({same_tokenizer_as}): the {name} must "
                      "share the policy's tokenizer, since its outputs become the policy's training data")
   cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype=config.model.param_dtype)
   cfg = cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk)  # kept by later stages
   save_model(wd.model_dir(name), params, cfg, kind=kind, extra_meta={"source": hf_dir})
-
-
-def _same_file(a: str, b: str) -> bool:
-  if not (os.path.isfile(a) and os.path.isfile(b)):
-    return False
-  with open(a, "rb") as fa, open(b, "rb") as fb:
-    return fa.read() == fb.read()
 
 
 def export_policy_stage(config, wd: Workdir) -> None:
