@@ -59,6 +59,8 @@ def test_bad_overrides_name_the_field(key, raw, message):
     (lambda c: c.warmstart.update(name="repairer"), r"repairer.hf_dir is set while"),
     (lambda c: c.warmstart.update(repair_flaws=("guess", "typo")), r"warmstart.repair_flaws.*must be a tuple of"),
     (lambda c: c.tokenizer.update(copy_from="/tmp"), r"tokenizer.copy_from = '/tmp': .*no tokenizer"),
+    (lambda c: c.warmstart.update(init_from=C.DEMO_POLICY), r"warmstart.init_from is set while config.model.hf_dir"),
+    (lambda c: c.warmstart.update(init_from="/tmp"), r"warmstart.init_from = '/tmp': .*no HF checkpoint"),
 ])
 def test_validate_refuses_bad_values_before_work_starts(edit, message):
   c = C.base_config()

@@ -1,6 +1,7 @@
 """The demo repairer's path: a config trains it under its own name with the policy's tokenizer and
 exports it, and a pipeline imports it as the repairer, refusing one with another tokenizer."""
 
+import filecmp
 import json
 import os
 import subprocess
@@ -21,23 +22,20 @@ def main(*args, timeout=300):
   return subprocess.run(MAIN + list(args), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def _same(a, b):
-  with open(a, "rb") as fa, open(b, "rb") as fb:
-    return fa.read() == fb.read()
-
-
 def test_repairer_config_trains_the_repairer_on_the_policy_tokenizer_and_exports_it(tmp_path):
   wd, out = tmp_path / "wd", tmp_path / "export"
   proc = main("--config", os.path.join(CONFIGS, "demo_repairer.py"), f"--config.workdir={wd}",
-              f"--config.export_dir={out}", "--config.model.preset=demo", *TINY_WORLD,
-              "--config.warmstart.num_tasks=16", "--config.warmstart.steps=2", "--config.warmstart.warmup_steps=1",
+              f"--config.export_dir={out}", *TINY_WORLD, "--config.warmstart.num_tasks=16",
+              "--config.warmstart.steps=2", "--config.warmstart.warmup_steps=1", "--config.warmstart.log_every=1",
               "--config.warmstart.buckets=(1024,)", "--config.eval.max_questions=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not (wd / "policy").exists()  # trained under its own name
+  first = json.loads((wd / "repairer" / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+  assert first["loss"] < 3.0  # fine-tuned from the policy's weights (from random ones: ~ln 4096 = 8.3)
   counts = json.loads((wd / "repairer" / "warmstart_data.json").read_text())
   assert counts["repair"] > 0 and counts["clean"] > 0 and sum(counts[f] for f in ("guess", "hedge", "copy_error")) == 0
   assert (wd / "eval" / "repairer.json").exists()
-  assert _same(out / "tokenizer.json", os.path.join(DEMO_POLICY, "tokenizer.json"))
+  assert filecmp.cmp(out / "tokenizer.json", os.path.join(DEMO_POLICY, "tokenizer.json"), shallow=False)
   assert json.loads((out / "provenance.json").read_text())["warmstart"]["name"] == "repairer"
 
 
@@ -59,3 +57,13 @@ def test_a_repairer_with_another_tokenizer_is_refused_before_training(tmp_path):
   assert proc.returncode != 0
   assert "tokenizer.json differs from the policy's" in proc.stderr
   assert not (wd / "policy" / "checkpoints").exists()  # refused before any training
+
+
+def test_warmstart_init_from_another_tokenizer_is_refused_before_training(tmp_path):
+  wd = tmp_path / "wd"
+  proc = main("--config", os.path.join(CONFIGS, "smoke.py"), f"--config.workdir={wd}",
+              "--config.stages=world,tokenizer,warmstart", "--config.model.hf_dir=",
+              "--config.tokenizer.vocab_size=600", f"--config.warmstart.init_from={DEMO_POLICY}", *TINY_WORLD)
+  assert proc.returncode != 0
+  assert "tokenizer.json differs from the policy's" in proc.stderr
+  assert not (wd / "policy" / "checkpoints").exists()

@@ -217,6 +217,8 @@ SCHEMA: dict[str, Any] = dict(
     warmstart=dict(
         name=F("policy", "model it trains, by name in the workdir ('repairer': a repairer, exported the same way)",
                one_of("policy", "repairer")),
+        init_from=F("", "HF checkpoint whose weights the warm-start fine-tunes (it must share the tokenizer); "
+                    "'': model.preset initialised at random", hf_dir_or_empty, path=True),
         num_tasks=F(5000, "warm-start training tasks (disjoint from stage-1 questions)", positive),
         **trainer(1500, 16, (256, 384, 512, 1024), 3e-3, 50, weight_decay=0.01, log_every=10, checkpoint_every=100),
         repair_fraction=F(0.2, "share of warm-start examples that are repair demonstrations", unit_interval),
@@ -495,6 +497,9 @@ def validate(config: ml_collections.ConfigDict, *, require_workdir: bool = True,
   if config.warmstart.name == "repairer" and config.repairer.hf_dir:
     raise ConfigError("config.repairer.hf_dir is set while config.warmstart.name = 'repairer' trains one: "
                       "pick one source of the repairer")
+  if config.warmstart.init_from and config.model.hf_dir:
+    raise ConfigError("config.warmstart.init_from is set while config.model.hf_dir makes the warmstart stage "
+                      "import a checkpoint and train nothing: set --config.model.hf_dir=''")
 
 
 def _check(values: Mapping[str, Any], schema: Mapping[str, Any], path: list[str], check_paths: bool) -> None:

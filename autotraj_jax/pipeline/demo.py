@@ -67,8 +67,9 @@ def tokenizer_stage(config, wd: Workdir) -> None:
 
 
 def warmstart_stage(config, wd: Workdir) -> None:
-  """The starting policy: model.hf_dir's weights, or a demo policy warm-started from scratch."""
-  from autotraj_jax.models import get_preset, init_model
+  """The starting policy: model.hf_dir's weights, or a model (`warmstart.name`) warm-started on the
+  synthetic world from random weights or from `warmstart.init_from`'s."""
+  from autotraj_jax.models import abstract_model, get_preset, init_model
   from autotraj_jax.taskworld import read_corpus, read_split
   from autotraj_jax.taskworld.demo_policy import FlawRates, warmstart_examples
   from autotraj_jax.tir.tools import make_tool
@@ -98,9 +99,13 @@ def warmstart_stage(config, wd: Workdir) -> None:
   with open(wd.path(node.name, "warmstart_data.json"), "w") as f:
     json.dump(counts, f, indent=2)
   log.info("warmstart examples: %s", counts)
-  model_cfg = get_preset(config.model.preset, vocab_size=len(tokenizer), remat=config.model.remat,
-                         logits_chunk=config.model.logits_chunk)
-  graphdef, params = init_model(model_cfg, seed=config.seed)
+  if node.init_from:
+    model_cfg, params = _load_hf_checked(config, wd, node.init_from, node.name)
+    graphdef, _ = abstract_model(model_cfg, "causal_lm")
+  else:
+    model_cfg = get_preset(config.model.preset, vocab_size=len(tokenizer), remat=config.model.remat,
+                           logits_chunk=config.model.logits_chunk)
+    graphdef, params = init_model(model_cfg, seed=config.seed)
   cfg = builders.train_config(node, seed=config.seed, pad_id=tokenizer.pad_token_id or 0)
   trainer = Trainer(cfg, loss_fn=make_sft_loss(graphdef), params=params, mesh=builders.make_mesh(config),
                     workdir=wd.path(node.name), meta={"model_config": model_cfg.to_dict(), "model_kind": "causal_lm"},
@@ -115,14 +120,28 @@ def _import_hf(config, wd: Workdir, hf_dir: str, name: str, same_tokenizer_as: s
   """An HF checkpoint's weights as workdir model `name` (what later stages load by name)."""
   from autotraj_jax.checkpoint import save_model
   from autotraj_jax.models.hf import load_hf
-  ours, theirs = os.path.join(hf_dir, "tokenizer.json"), os.path.join(same_tokenizer_as or "", "tokenizer.json")
-  if same_tokenizer_as is not None and not (os.path.isfile(ours) and os.path.isfile(theirs)
-                                            and filecmp.cmp(ours, theirs, shallow=False)):
-    raise ValueError(f"{hf_dir}/tokenizer.json differs from the policy's ({same_tokenizer_as}): the {name} must "
-                     "share the policy's tokenizer, since its outputs become the policy's training data")
+  if same_tokenizer_as is not None:
+    _check_same_tokenizer(hf_dir, same_tokenizer_as, name)
   cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype=config.model.param_dtype)
   cfg = cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk)  # kept by later stages
   save_model(wd.model_dir(name), params, cfg, kind=kind, extra_meta={"source": hf_dir})
+
+
+def _load_hf_checked(config, wd: Workdir, hf_dir: str, name: str):
+  """(config, params) of a causal LM at hf_dir that shares the workdir's tokenizer, in fp32 for training."""
+  from autotraj_jax.models.hf import load_hf
+  _check_same_tokenizer(hf_dir, builders.tokenizer_dir(config, wd), name)
+  cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype="float32")
+  if kind != "causal_lm":
+    raise ValueError(f"warmstart.init_from={hf_dir} is a {kind} checkpoint, not a causal LM")
+  return cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk), params
+
+
+def _check_same_tokenizer(hf_dir: str, tokenizer_dir: str, name: str) -> None:
+  ours, theirs = os.path.join(hf_dir, "tokenizer.json"), os.path.join(tokenizer_dir, "tokenizer.json")
+  if not (os.path.isfile(ours) and os.path.isfile(theirs) and filecmp.cmp(ours, theirs, shallow=False)):
+    raise ValueError(f"{hf_dir}/tokenizer.json differs from the policy's ({tokenizer_dir}): the {name} must "
+                     "share the policy's tokenizer, since its outputs become the policy's training data")
 
 
 def export_policy_stage(config, wd: Workdir) -> None:
