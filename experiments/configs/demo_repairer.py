@@ -3,11 +3,13 @@
     python experiments/main.py --config experiments/configs/demo_repairer.py --config.workdir=/tmp/demo_repairer
 
 The paper's repairer is a strong LLM next to the policy. Here it is the demo policy's own weights
-(and tokenizer, so its repairs are the policy's SFT data token for token), fine-tuned on tasks of
-difficulty 1 and 2 disjoint from the demo's stage-1 questions: 85% repair demonstrations (question
+(and tokenizer, so its repairs are the policy's SFT data token for token), fine-tuned on training
+tasks of a world of difficulty 1 and 2 (not the demo's world, so some of its tasks are demo stage-1
+questions; none are demo test questions): 85% repair demonstrations (question
 + a flawed or wrong trajectory + the scorers' diagnosis -> the clean reference, every flaw kind
 including miscopied results and guesses) and 15% clean reference trajectories, which keep it a
-working tool user. Its greedy pass@1 as a policy on the test questions is in eval/repairer.md.
+working tool user. Expected runtime on a 2-core CPU: about 25 minutes (400 steps). Its greedy
+pass@1 as a policy on the test questions is in eval/repairer.md.
 Set `warmstart.init_from=''` and `model.preset='demo-repairer'` to train a larger one from scratch
 (~2 hours on a 2-core CPU, and a weaker repairer at 900 steps).
 """
