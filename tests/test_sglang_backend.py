@@ -84,6 +84,13 @@ class FakeSGLang:
         super().setup()
         with fake.lock:
           fake.connections.append(self.connection)
+          late = fake.dead  # accepted from the backlog after kill() cut the open connections
+        if late:
+          self.cut()
+
+      def cut(self):
+        with contextlib.suppress(OSError):
+          self.connection.shutdown(socket.SHUT_RDWR)
 
       def log_message(self, *args):  # keep pytest output clean
         pass
@@ -117,6 +124,7 @@ class FakeSGLang:
           dies = fake.die_at is not None and len(fake.bodies) >= fake.die_at
         if dies:  # the process dies: this request and every open connection are cut
           fake.kill()
+          self.cut()  # also when another handler's kill() ran before this connection was listed
           return
         try:
           if fake.delay:
