@@ -158,12 +158,16 @@ def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
 
   Missing or corrupt files raise as in `check_tokenizer_dir`, naming the file.
   """
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
   path = os.fspath(path)
   check_tokenizer_dir(path)
+  # Ours say PreTrainedTokenizerFast: loaded as written. Through AutoTokenizer, an exported model
+  # directory's config.json (model_type qwen2) would make it a Qwen2Tokenizer, which re-splits
+  # numbers into single digits unlike the tokenizer.json the model was trained with.
+  cls = PreTrainedTokenizerFast if _tokenizer_class(path) == "PreTrainedTokenizerFast" else AutoTokenizer
   try:
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = cls.from_pretrained(path)
   except (OSError, ValueError) as e:
     raise TokenizerError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from None
   if tok.pad_token is None:
@@ -171,6 +175,14 @@ def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
       raise TokenizerError(f"tokenizer at {path} has neither a pad nor an eos token")
     tok.pad_token = tok.eos_token
   return tok
+
+
+def _tokenizer_class(path: str) -> str | None:
+  try:
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+      return json.load(f).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):
+    return None  # AutoTokenizer decides (and reports a corrupt file)
 
 
 _NAMES = ("Alice", "Bob", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jon")

@@ -75,6 +75,20 @@ def test_directory_loads_with_auto_tokenizer(demo_dir):
   assert tok.decode(tok.encode(TIR_TEXT, add_special_tokens=False)) == TIR_TEXT
 
 
+def test_a_model_directory_tokenizes_as_its_tokenizer_json(demo_dir, tmp_path):
+  # Next to a Qwen2 config.json (as in an exported policy), AutoTokenizer would build a
+  # Qwen2Tokenizer that splits numbers into single digits, unlike what the model was trained on.
+  import json
+  import shutil
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(demo_dir / name, tmp_path / name)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+  text = "The company has 2148 employees; 66741 + 9 = 66750."
+  exported, source = tk.load_tokenizer(tmp_path), tk.load_tokenizer(demo_dir)
+  assert exported.encode(text, add_special_tokens=False) == source.encode(text, add_special_tokens=False)
+  assert exported.chat_template == source.chat_template and exported.eos_token == source.eos_token
+
+
 def test_training_is_deterministic(tmp_path):
   corpus = tk.demo_tokenizer_corpus(num_docs=300)
   assert corpus == tk.demo_tokenizer_corpus(num_docs=300)
