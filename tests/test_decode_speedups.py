@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autotraj_jax.engine.decode_step import fuse_weights, lm_head, prefill_forward, rope_table, step_forward
+from autotraj_jax.engine.decode_step import (fuse_weights, lm_head, merge_heads, prefill_forward, rope_table,
+                                             step_forward)
 from autotraj_jax.engine.sampling import max_argmax
 from autotraj_jax.models import get_preset, init_cache, init_model, merge
 
@@ -69,7 +70,7 @@ def test_prefill_then_steps_match_the_model(model):
   # with the CPU's fused weights and [D, V] head and with the model's own (accelerators).
   rope = rope_table(S, model.cfg.head_dim, model.cfg.rope_theta)
   for weights, head in ((fuse_weights(model), lm_head(model)), (None, None)):
-    valid_now, state = slot_valid.at[:, P:].set(False), cache
+    valid_now, state = slot_valid.at[:, P:].set(False), merge_heads(cache)
     for t in range(T):
       slot = P + t
       valid_now = valid_now.at[:, slot].set(True)

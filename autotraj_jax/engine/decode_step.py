@@ -7,7 +7,8 @@ a decode step computes RoPE tables once for all layers, fuses the q/k/v and gate
 updates and reads the cache in place.
 
 The engine's KV cache (and its prefix-cache pool) is slot-minor, [B, K, H, S], where the model's
-`LayerCache` is [B, K, S, H]: see `_attend_one`.
+`LayerCache` is [B, K, S, H]: see `_attend_one`; the decode loop carries it as [B*K, H, S]
+(`merge_heads`).
 """
 
 from __future__ import annotations
@@ -49,17 +50,30 @@ def _rope(x_BLNH, sin, cos):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)
 
 
-def _attend_one(q_BNH, k_BKHS, v_BKHS, valid_BS):
-  """GQA attention of one query per row over the slot-minor cache. Both products read a
-  head's [H, S] block in place as the right operand of a vector-matrix product, ~15% faster
-  on CPU than over [S, H] rows (the products are single-threaded and memory-bound)."""
+def _attend_one(q_BNH, k_RHS, v_RHS, valid_BS):
+  """GQA attention of one query per row over the decode loop's cache ([B*K, H, S], see
+  `merge_heads`). Both products read a head's [H, S] block in place as the right operand of a
+  vector-matrix product, ~15% faster on CPU than over [S, H] rows (the products are
+  single-threaded and memory-bound)."""
   B, N, H = q_BNH.shape
-  K = k_BKHS.shape[1]
-  q = q_BNH.reshape(B, K, N // K, H)
-  s = jnp.einsum("bkgh,bkhs->bkgs", q, k_BKHS, preferred_element_type=jnp.float32) * H ** -0.5
-  s = jnp.where(valid_BS[:, None, None, :], s, _NEG)
-  p = jax.nn.softmax(s, axis=-1).astype(v_BKHS.dtype)
-  return jnp.einsum("bkhs,bkgs->bkgh", v_BKHS, p).reshape(B, N, H)
+  K = k_RHS.shape[0] // B
+  q = q_BNH.reshape(B * K, N // K, H)
+  s = jnp.einsum("rgh,rhs->rgs", q, k_RHS, preferred_element_type=jnp.float32) * H ** -0.5
+  s = jnp.where(jnp.repeat(valid_BS, K, axis=0)[:, None, :], s, _NEG)
+  p = jax.nn.softmax(s, axis=-1).astype(v_RHS.dtype)
+  return jnp.einsum("rhs,rgs->rgh", v_RHS, p).reshape(B, N, H)
+
+
+def merge_heads(cache: list[LayerCache]) -> list[LayerCache]:
+  """The slot-minor cache [B, K, H, S] as the decode loop carries it, [B*K, H, S]: with the
+  4-D carry, XLA:CPU copied every layer's K and V each step at batch 1 (the dot reads the
+  in-place update through a bitcast that drops the size-1 batch dim; ~1.6x slower there)."""
+  return [LayerCache(*(a.reshape(-1, *a.shape[2:]) for a in c)) for c in cache]
+
+
+def split_heads(cache: list[LayerCache], batch: int) -> list[LayerCache]:
+  """`merge_heads` undone."""
+  return [LayerCache(*(a.reshape(batch, -1, *a.shape[1:]) for a in c)) for c in cache]
 
 
 def _attend(q_BLNH, k_BKPH, v_BKPH, mask_BLP):
@@ -177,8 +191,8 @@ def prefill_forward(model, tokens_BL, pos_BL, mask_BLP, prefix: list[LayerCache]
 def step_forward(model, weights: list[FusedWeights] | None, head_DV: jax.Array | None, rope: RopeTable, tok_B, pos_B,
                  cache, slot, valid_BS):
   """`model(tok[:, None], pos[:, None], valid[:, None], cache, slot)` for one token per row, on
-  the slot-minor cache ([B, K, H, S], from `prefill_forward`): the same layers and numerics,
-  with RoPE read from `rope` (a table of >= S positions, built outside the decode loop), the
+  the slot-minor cache with merged heads ([B*K, H, S]: `merge_heads` of `prefill_forward`'s):
+  the same layers and numerics, with RoPE read from `rope` (a table of >= S positions, built outside the decode loop), the
   weights of `decode_weights` (fused q/k/v and gate/up matmuls, a [D, V] head) and the cache
   updated and read in place. Returns ([B, V] fp32 logits, cache)."""
   dt, tr = model.cfg.jnp_dtype, model.model
@@ -189,8 +203,9 @@ def step_forward(model, weights: list[FusedWeights] | None, head_DV: jax.Array |
     w = None if weights is None else weights[i]
     q, k, v = _qkv(block, w, block.input_layernorm(x).astype(dt))
     q, k = _rope(q, sin, cos), _rope(k, sin, cos)
-    kc = jax.lax.dynamic_update_slice(layer.k, k.transpose(0, 2, 3, 1).astype(layer.k.dtype), (0, 0, 0, slot))
-    vc = jax.lax.dynamic_update_slice(layer.v, v.transpose(0, 2, 3, 1).astype(layer.v.dtype), (0, 0, 0, slot))
+    k, v = (a[:, 0].reshape(-1, a.shape[-1], 1) for a in (k, v))  # [B*K, H, 1]
+    kc = jax.lax.dynamic_update_slice(layer.k, k.astype(layer.k.dtype), (0, 0, slot))
+    vc = jax.lax.dynamic_update_slice(layer.v, v.astype(layer.v.dtype), (0, 0, slot))
     out = _attend_one(q[:, 0], kc.astype(dt), vc.astype(dt), valid_BS)
     x = x + block.self_attn.o_proj(out[:, None], dt)
     x = x + _mlp(block, w, block.post_attention_layernorm(x), dt)

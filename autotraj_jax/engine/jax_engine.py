@@ -37,7 +37,8 @@ from jax.sharding import PartitionSpec as P
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.engine.backend import Completion, GenerationRequest, find_stop, prompt_too_long
-from autotraj_jax.engine.decode_step import decode_weights, prefill_forward, rope_table, step_forward
+from autotraj_jax.engine.decode_step import (decode_weights, merge_heads, prefill_forward, rope_table, split_heads,
+                                             step_forward)
 from autotraj_jax.engine.prefix_cache import PrefixIndex, pool_rows
 from autotraj_jax.engine.sampling import pick_tokens
 from autotraj_jax.models.config import ModelConfig
@@ -231,7 +232,9 @@ class JaxEngine:
               "window": window, "done": done, "slot_valid": slot_valid, "pos": s["pos"] + 1,
               "cache": cache, "logits": logits, "length": jnp.where(active, n_gen, s["length"])}
 
-    return jax.lax.while_loop(cond, body, {**state, "i": jnp.zeros((), jnp.int32)})
+    B = state["tokens"].shape[0]
+    out = jax.lax.while_loop(cond, body, {**state, "i": jnp.zeros((), jnp.int32), "cache": merge_heads(state["cache"])})
+    return {**out, "cache": split_heads(out["cache"], B)}
 
   def _store_fn(self, pool, cache, rows_B, cached_B, new_B, cached_len, num_new_slots):
     """Compact each row's prefix, new prompt tokens and completion into slots [0, n) of pool row
