@@ -7,8 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autotraj_jax.engine.decode_step import (fuse_weights, lm_head, merge_heads, prefill_forward, rope_table,
-                                             step_forward)
+from autotraj_jax.engine.decode_step import (
+  fuse_weights,
+  lm_head,
+  merge_heads,
+  prefill_forward,
+  rope_table,
+  step_forward,
+)
 from autotraj_jax.engine.sampling import max_argmax
 from autotraj_jax.models import get_preset, init_cache, init_model, merge
 

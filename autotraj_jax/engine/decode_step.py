@@ -192,9 +192,9 @@ def step_forward(model, weights: list[FusedWeights] | None, head_DV: jax.Array |
                  cache, slot, valid_BS):
   """`model(tok[:, None], pos[:, None], valid[:, None], cache, slot)` for one token per row, on
   the slot-minor cache with merged heads ([B*K, H, S]: `merge_heads` of `prefill_forward`'s):
-  the same layers and numerics, with RoPE read from `rope` (a table of >= S positions, built outside the decode loop), the
-  weights of `decode_weights` (fused q/k/v and gate/up matmuls, a [D, V] head) and the cache
-  updated and read in place. Returns ([B, V] fp32 logits, cache)."""
+  the same layers and numerics, with RoPE read from `rope` (a table of >= S positions, built
+  outside the decode loop), the weights of `decode_weights` (fused q/k/v and gate/up matmuls,
+  a [D, V] head) and the cache updated and read in place. Returns ([B, V] fp32 logits, cache)."""
   dt, tr = model.cfg.jnp_dtype, model.model
   x = jnp.take(tr.embed_tokens[...], tok_B, axis=0).astype(dt)[:, None]  # [B, 1, D]
   sin, cos = _rope_at(rope, pos_B[:, None])

@@ -37,8 +37,14 @@ from jax.sharding import PartitionSpec as P
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.engine.backend import Completion, GenerationRequest, find_stop, prompt_too_long
-from autotraj_jax.engine.decode_step import (decode_weights, merge_heads, prefill_forward, rope_table, split_heads,
-                                             step_forward)
+from autotraj_jax.engine.decode_step import (
+  decode_weights,
+  merge_heads,
+  prefill_forward,
+  rope_table,
+  split_heads,
+  step_forward,
+)
 from autotraj_jax.engine.prefix_cache import PrefixIndex, pool_rows
 from autotraj_jax.engine.sampling import pick_tokens
 from autotraj_jax.models.config import ModelConfig
