@@ -111,12 +111,14 @@ def stage_shapes(cfg: Any) -> dict[str, StageShape]:
   rl_m, rl_n = micro(rollouts // minibatches, int(field(cfg, "rl.micro_batch_size", 0)), "rl")
   rl_len = max(field(cfg, "rl.buckets"))
   prompt, new = max(field(cfg, "engine.prompt_buckets")), max(field(cfg, "engine.new_token_buckets"))
+  multiple = int(field(cfg, "engine.cache_multiple", 1))
+  slots = -(-(prompt + new) // multiple) * multiple  # the decode loop's KV slots
   return {
       "sft": StageShape("sft", sft_m, sft_n, max(field(cfg, "sft.buckets"))),
       "rm": StageShape("rm", rm_m, rm_n, max(field(cfg, "rm.buckets"))),
       "grpo": StageShape("grpo", rl_m, rl_n, rl_len),
       "ref": StageShape("ref", rl_m, 1, rl_len),
-      "engine": StageShape("engine", max(field(cfg, "engine.batch_buckets")), 1, prompt, prompt + new),
+      "engine": StageShape("engine", max(field(cfg, "engine.batch_buckets")), 1, prompt, slots),
   }
 
 

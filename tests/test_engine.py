@@ -163,6 +163,36 @@ def test_compiles_once_per_bucket(hf_model, demo_tokenizer):
   assert eng.num_compiles == 3 and before != after
 
 
+def test_prompt_buckets_share_one_decode_loop_and_change_no_token(hf_model, demo_tokenizer):
+  """KV slots rounded up to `cache_multiple`: two prompt buckets, one compiled decode loop,
+  and the same tokens and log-probs as exact sizing."""
+  cfg, _, params = load_hf(hf_model[1])
+  graphdef, _ = init_model(cfg)
+  rng = np.random.default_rng(1)
+  batches = [[GenerationRequest(rng.integers(3, 2000, n).tolist(), SamplingParams(temperature=t, max_new_tokens=16,
+                                                                                   seed=3))
+              for t in (0.0, 1.0)] for n in (10, 25)]  # prompt buckets 16 and 32
+
+  def run(multiple):
+    eng = JaxEngine(graphdef, params, cfg, demo_tokenizer, config=EngineConfig(
+        batch_buckets=(2,), prompt_buckets=(16, 32), new_token_buckets=(16,), cache_multiple=multiple,
+        prefix_cache_rows=0))
+    outs, compiles = [], []
+    for reqs in batches:
+      outs.append(eng.generate(reqs))
+      compiles.append(eng.num_compiles)
+    return outs, compiles
+
+  exact, exact_compiles = run(1)
+  shared, shared_compiles = run(64)  # 16 + 16 and 32 + 16 slots both round to 64
+  assert exact_compiles == [2, 4]    # a prefill and a decode loop per prompt bucket
+  assert shared_compiles == [2, 3]   # the second bucket compiles its prefill only
+  for a_batch, b_batch in zip(exact, shared):
+    for a, b in zip(a_batch, b_batch):
+      assert a.token_ids == b.token_ids
+      np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 def test_sharded_engine_matches_single_device(hf_model, demo_tokenizer, engine):
   cfg, _, params = load_hf(hf_model[1])
   graphdef, _ = init_model(cfg)

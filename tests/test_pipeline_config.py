@@ -53,6 +53,7 @@ def test_bad_overrides_name_the_field(key, raw, message):
     (lambda c: c.data.update(test_file="/no/such.jsonl"), r"data.test_file.*does not exist"),
     (lambda c: c.rl_variants.autotraj.update(stepz=3), r"'stepz'.*rl_variants.*did you mean 'steps'"),
     (lambda c: c.engine.update(prompt_buckets=(512, 256)), r"engine.prompt_buckets.*ascending"),
+    (lambda c: c.engine.update(cache_multiple=0), r"engine.cache_multiple = 0: must be > 0"),
     (lambda c: c.update(stages=("sft:nope",)), r"sft:nope.*sft_variants"),
     (lambda c: c.update(workdir=""), r"workdir is not set"),
     (lambda c: c.warmstart.update(steps=3), r"warmstart.warmup_steps = 50 exceeds config.warmstart.steps = 3"),

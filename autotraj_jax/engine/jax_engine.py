@@ -60,9 +60,15 @@ class EngineConfig:
   batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
   prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
   new_token_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
-  # New prompt tokens on top of a cached prefix (a tool result and the turn's last token).
-  extend_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+  # New prompt tokens on top of a cached prefix (a tool result and the turn's last token): coarse,
+  # since each (batch, prefix, new) bucket compiles a prefill (~1.5 s for the demo model on CPU)
+  # and padding a few tool-result tokens costs far less.
+  extend_buckets: tuple[int, ...] = (32, 128, 512, 1024, 2048, 4096)
   chunk_steps: int = 32
+  # The decode loop's KV slots (cached prefix + new prompt + new tokens) rounded up to a multiple
+  # of this, so calls whose prefix and prompt buckets differ share one compiled decode loop (a
+  # multi-turn rollout meets many such sums); 1: exact.
+  cache_multiple: int = 128
   seed: int = 0
   # Prefix cache: rows kept across calls (0: off) and token slots per row; a context longer
   # than `prefix_cache_len` keeps its first `prefix_cache_len` tokens. A row takes
@@ -78,8 +84,9 @@ class EngineConfig:
       b = getattr(self, name)
       if not b or list(b) != sorted(b) or b[0] <= 0:
         raise ValueError(f"EngineConfig.{name} must be ascending positive sizes, got {b}")
-    if self.chunk_steps <= 0:
-      raise ValueError(f"EngineConfig.chunk_steps must be positive, got {self.chunk_steps}")
+    for name in ("chunk_steps", "cache_multiple"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
     for name in ("prefix_cache_rows", "prefix_cache_mb"):
       if getattr(self, name) < 0:
         raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -406,7 +413,8 @@ class JaxEngine:
     const.update(stop_vocab=stop_vocab, stop_seqs=stop_seqs, stop_lens=stop_lens)
     pool = self._pool if A else None
     state = self._prefill(self.params, pool, tokens_d, valid_d, cached_d, rows_d, const,
-                          cached_len=A, cache_len=A + L + T, num_new=T)
+                          cached_len=A, cache_len=-(-(A + L + T) // cfg.cache_multiple) * cfg.cache_multiple,
+                          num_new=T)
     host_stop: dict[int, tuple[int, str]] = {}
     while True:
       state = self._decode(self.params, state, const)

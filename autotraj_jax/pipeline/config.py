@@ -248,9 +248,12 @@ SCHEMA: dict[str, Any] = dict(
                 prompt_buckets=F((128, 256, 384, 512, 768, 1024, 2048), "padded prompt lengths in tokens; a "
                                  "longer prompt is recorded as a failure (finish reason prompt_too_long)", buckets),
                 new_token_buckets=F((96, 256, 512), "padded new-token budgets per call", buckets),
-                extend_buckets=F((16, 32, 64, 128, 256, 512, 1024, 2048), "padded lengths of new prompt tokens "
-                                 "on top of a cached prefix (a tool result and the next turn)", buckets),
+                extend_buckets=F((32, 128, 512, 1024, 2048), "padded lengths of new prompt tokens on top of a "
+                                 "cached prefix (a tool result and the next turn); coarse, since each bucket "
+                                 "compiles a prefill", buckets),
                 chunk_steps=F(32, "decode steps per jitted call between stop checks", positive),
+                cache_multiple=F(128, "KV slots of a decode call rounded up to a multiple of this, so calls "
+                                 "with other prefix/prompt buckets share a compiled decode loop", positive),
                 prefix_cache_rows=F(256, "KV rows kept across calls, so the next turn of a rollout prefills only "
                                     "its new tokens (0: off); at least the live trajectories of a round", nonneg),
                 prefix_cache_len=F(1024, "token slots per prefix-cache row", positive),
