@@ -114,7 +114,7 @@ class GRPOBench:
     # handed the new params right after each step, before it samples again.
     self.state = init_state(params, opt, args.seed)
     self.update_shapes: set[tuple[int, ...]] = set()
-    self.train_step = jax.jit(make_train_step(rl.make_policy_loss(graphdef, self.rl_cfg), opt),
+    self.train_step = jax.jit(make_train_step(rl.make_policy_loss(graphdef, self.rl_cfg), opt, skip_empty=True),
                               donate_argnums=(0,))
     self.logprob_fn = jax.jit(rl.make_logprob_fn(graphdef))
 
@@ -134,12 +134,14 @@ class GRPOBench:
     t2 = time.perf_counter()
     batch = rl.rollout_batch(trajs, length=a.seq, pad_id=self.pad_id)
     dev = {k_: jnp.asarray(v) for k_, v in batch.items()}
-    # As the learner does with rl.pack=True: the forward and the update on packed rows.
-    layout = rl.RowLayout.of(batch["valid"], packing.row_multiple(len(trajs))) if a.pack else None
+    # As the learner does with rl.pack=True: the forward and the update on packed rows, laid out
+    # in micro-batches of `step` rows up to one row per trajectory (empty ones skipped).
+    step = packing.row_multiple(len(trajs))
+    layout = rl.RowLayout.of(batch["valid"], step) if a.pack else None
     if layout is None:
       old_logp = self.logprob_fn(self.state.params, dev)
     else:
-      old_logp = layout.forward_BT(self.logprob_fn, self.state.params, batch)
+      old_logp = layout.forward_BT(self.logprob_fn, self.state.params, batch, chunk=step)
     mask = rl.shifted_mask(dev)
     adv = rl.estimate_advantages(self.rl_cfg.advantage, rl.AdvantageInputs(
         rewards_B=jnp.asarray(rewards, jnp.float32), group_size=self.n, mask_BT=mask,
@@ -147,21 +149,27 @@ class GRPOBench:
     host = {"tokens": batch["tokens"], "valid": batch["valid"],
             "loss_mask": np.asarray(batch["loss_mask"] * np.asarray(adv.keep_B, np.int32)[:, None]),
             "adv": np.asarray(adv.adv_BT), "old_logp": np.asarray(old_logp), "ref_logp": np.asarray(old_logp)}
+    num_micro = 1
     if layout is not None:
       host = layout.pack(host)
+      padding, positions = packing.padding_fraction(host), host["valid"].size  # of the rows the step computes
+      host, num_micro = packing.pad_rows(host, layout.capacity(step)), layout.capacity(step) // step
+    else:
+      padding, positions = packing.padding_fraction(host), host["valid"].size
     t3 = time.perf_counter()
     shape = host["tokens"].shape
-    out["update_compiles"] = float(shape not in self.update_shapes)  # a new packed row count compiles
+    out["update_compiles"] = float(shape not in self.update_shapes)  # a new update shape compiles
     self.update_shapes.add(shape)
-    self.state, m = self.train_step(self.state, {k_: jnp.asarray(v)[None] for k_, v in host.items()})
+    self.state, m = self.train_step(self.state, {k_: jnp.asarray(v.reshape(num_micro, -1, *v.shape[1:]))
+                                                 for k_, v in host.items()})
     self.engine.update_params(self.state.params)
     jax.block_until_ready((self.state, m))
     t4 = time.perf_counter()
     out.update(rollout=t1 - t0, reward=t2 - t1, logprob=t3 - t2, update=t4 - t3)
     out["gen_tokens"] = float(sum(t.num_model_tokens for t in trajs))
     out["valid_tokens"] = float(batch["valid"].sum())
-    out["update_positions"] = float(host["valid"].size)
-    out["padding"] = packing.padding_fraction(host)
+    out["update_positions"] = float(positions)
+    out["padding"] = padding
     out["prefill_ratio"] = float(self.engine.prefill_ratio)
     out["truncated"] = float(sum(len(t.prompt_ids) + len(t.response_ids) > a.seq for t in trajs))
     out["tool_calls"] = float(sum(len(t.tool_calls) for t in trajs))

@@ -91,6 +91,25 @@ def test_packed_updates_match_unpacked(tmp_path, objective):
     assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b) + 1e-6
 
 
+def test_packed_updates_compile_once_whatever_rows_they_need(tmp_path):
+  """Short trajectories pack into 2 rows, long ones need 4: the same compiled policy step runs
+  both (empty micro-batches skipped), and both updates train."""
+  learner = _learner(tmp_path, minibatches=1, pack=True, buckets=(32,))
+  long = [_traj(i, n_model=20) for i in range(4)]
+  try:
+    learner.start()
+    pads = []
+    for k, trajs in enumerate((TRAJS, long, TRAJS)):
+      before = _host(learner.params)
+      m = learner.update(trajs, REWARDS, group_size=2, step=k)
+      assert np.isfinite(m["loss"]) and any(not np.array_equal(a, b) for a, b in zip(before, _host(learner.params)))
+      pads.append(m["update_padding"])
+    assert learner.policy.trainer.num_compiles == 1
+    assert pads[1] < pads[0]  # the padding figure counts the rows the step computes, not the empty ones
+  finally:
+    learner.close()
+
+
 def test_resume_at_a_saved_step_is_exact(tmp_path):
   a = _learner(tmp_path)
   try:

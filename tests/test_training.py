@@ -66,6 +66,30 @@ def test_grad_accumulation_is_exact():
       np.testing.assert_allclose(a, b, atol=1e-7)
 
 
+def test_empty_micro_batches_are_skipped_and_change_nothing():
+  """skip_empty: all-padding micro-batches appended to a batch leave the update exactly as it was."""
+  graphdef, params = init_model(CFG, seed=0)
+  opt = optax.sgd(1.0)
+  step = jax.jit(make_train_step(make_sft_loss(graphdef), opt, skip_empty=True))
+  batch = data_lib.split_micro(data_lib.collate(make_examples(8, seed=1), (32,), 0), 2)
+  padded = {k: np.concatenate([v, np.zeros((2, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+  outs = [step(init_state(params, opt, seed=0), b) for b in (batch, padded)]
+  (a, ma), (b, mb) = outs
+  assert float(ma["count"]) == float(mb["count"]) > 0
+  np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(x, y, atol=1e-7)
+  # The padding micro-batches are not computed: a loss that is NaN on them leaves the step finite.
+  sft = make_sft_loss(graphdef)
+
+  def nan_on_empty(p, micro, rng):
+    total, count, aux = sft(p, micro, rng)
+    return total + jnp.where(jnp.any(micro["valid"] != 0), 0.0, jnp.nan), count, aux
+  for skip, finite in ((True, True), (False, False)):
+    _, m = jax.jit(make_train_step(nan_on_empty, opt, skip_empty=skip))(init_state(params, opt, seed=0), padded)
+    assert np.isfinite(float(m["loss"])) == finite
+
+
 def _trainer(tmp_path, steps, mesh=None, **kw):
   graphdef, params = init_model(CFG, seed=0)
   cfg = TrainConfig(steps=steps, batch_size=8, micro_batch_size=4, buckets=(16, 32), log_every=1,

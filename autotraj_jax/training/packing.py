@@ -136,6 +136,16 @@ def token_aligned(x_BT: np.ndarray) -> np.ndarray:
   return np.concatenate([np.zeros_like(x[:, :1]), x], axis=1)
 
 
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """The batch with all-padding rows (zeros: valid 0, no segment) appended up to `rows`."""
+  def one(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.shape[0] > rows:
+      raise ValueError(f"a batch of {x.shape[0]} rows does not fit in {rows}")
+    return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
+  return {k: one(v) for k, v in batch.items()}
+
+
 def padding_fraction(batch: Mapping[str, np.ndarray]) -> float:
   """Padding tokens / all tokens of a (packed or unpacked) batch."""
   valid = np.asarray(batch["valid"])

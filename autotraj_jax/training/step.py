@@ -28,8 +28,13 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule | None = None):
-  """Returns `step(state, batch) -> (state, metrics)`; batch leaves are [accum, micro_B, ...]."""
+                    schedule: optax.Schedule | None = None, *, skip_empty: bool = False):
+  """Returns `step(state, batch) -> (state, metrics)`; batch leaves are [accum, micro_B, ...].
+
+  `skip_empty`: a micro-batch with no valid token (`batch['valid']` all 0) is not computed, for
+  losses whose sums and counts are 0 there. Batches of variable size can then be padded with
+  empty micro-batches to one shape: one compile, and compute only for the filled ones.
+  """
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     rng, step_rng = jax.random.split(state.rng)
@@ -41,14 +46,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         return s, (c, aux)
       return jax.value_and_grad(f, has_aux=True)(state.params)
 
+    out_shape = jax.eval_shape(grad_of, jax.tree.map(lambda x: x[0], batch), 0)
+    (_, (_, aux0)), _ = out_shape
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (_, (_, aux0)), _ = jax.eval_shape(grad_of, jax.tree.map(lambda x: x[0], batch), 0)
     zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux0)
+
+    def grads_or_zeros(micro, i):
+      if not skip_empty:
+        return grad_of(micro, i)
+      return jax.lax.cond(jnp.any(micro["valid"] != 0), lambda: grad_of(micro, i),
+                          lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape))
 
     def body(carry, xs):
       g_acc, s_acc, c_acc, aux_acc = carry
       micro, i = xs
-      (s, (c, aux)), g = grad_of(micro, i)
+      (s, (c, aux)), g = grads_or_zeros(micro, i)
       g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
       aux_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), aux_acc, aux)
       return (g_acc, s_acc + s, c_acc + c, aux_acc), None

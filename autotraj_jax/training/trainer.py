@@ -81,7 +81,7 @@ class Trainer:
                eval_fn: Callable[[Any, int], dict[str, float]] | None = None, eval_every: int = 0,
                progress: bool = True, collate_fn: data_lib.CollateFn = data_lib.collate,
                optimizer_wrapper: Callable[[Any], Any] | None = None, desc: str = "train",
-               packer: data_lib.Packer = data_lib.SEQUENCES):
+               packer: data_lib.Packer = data_lib.SEQUENCES, skip_empty: bool = False):
     self.cfg, self.mesh, self.workdir, self.desc = cfg, mesh, str(workdir), desc
     self.collate_fn, self.packer = collate_fn, packer
     self.meta = dict(meta or {})
@@ -99,7 +99,7 @@ class Trainer:
     self._init_params = params
     # [accum, B, ...]: the batch axis split over the data axes, trailing axes (any number) replicated.
     self._batch_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
-    step_fn = make_train_step(loss_fn, self.optimizer, self.schedule)
+    step_fn = make_train_step(loss_fn, self.optimizer, self.schedule, skip_empty=skip_empty)
 
     def counted(state, batch):
       self.num_compiles += 1  # runs only while tracing
@@ -156,12 +156,13 @@ class Trainer:
 
   # -- loop --------------------------------------------------------------------------------
 
-  def device_batch(self, batch: dict[str, np.ndarray], *, global_batch: int | None = None
-                   ) -> dict[str, jax.Array]:
+  def device_batch(self, batch: dict[str, np.ndarray], *, global_batch: int | None = None,
+                   num_micro: int | None = None) -> dict[str, jax.Array]:
     """This process's rows [b, ...] -> the step's input: global [num_micro, B / num_micro, ...] arrays
-    on the batch sharding. `global_batch` (B) is needed only where processes share rows (a model
-    axis across hosts); by default each process holds its own rows and B is inferred."""
-    micro = data_lib.split_micro(batch, self.cfg.num_micro)
+    on the batch sharding (`num_micro` default `cfg.num_micro`). `global_batch` (B) is needed only
+    where processes share rows (a model axis across hosts); by default each process holds its own
+    rows and B is inferred."""
+    micro = data_lib.split_micro(batch, num_micro or self.cfg.num_micro)
 
     def one(v: np.ndarray) -> jax.Array:
       shape = None if global_batch is None else (v.shape[0], global_batch // v.shape[0], *v.shape[2:])

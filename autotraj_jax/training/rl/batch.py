@@ -9,6 +9,7 @@ index j is about token j + 1, predicted from tokens <= j (T = L - 1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -87,11 +88,21 @@ class RowLayout:
     packed = packing.pack(items, self.rows, L)
     return {k: v[:, 1:] if k in aligned else v for k, v in packed.items()}
 
-  def forward_BT(self, fn: Any, params: Any, batch: dict[str, np.ndarray]) -> jax.Array:
+  def forward_BT(self, fn: Any, params: Any, batch: dict[str, np.ndarray], chunk: int = 0) -> jax.Array:
     """`fn(params, packed batch)` (next-token-aligned [R, T], e.g. log-probs or values) run on
-    these rows and returned per trajectory as [B, T]."""
+    these rows and returned per trajectory as [B, T]. With `chunk`, the rows are padded to
+    `capacity(chunk)` and `fn` runs on chunks of `chunk` rows, skipping all-padding ones: one
+    shape per batch size, however many rows the packing needs."""
     packed = self.pack({k: batch[k] for k in ("tokens", "valid", "loss_mask")})
-    return jnp.asarray(self.unpack_BT(fn(params, {k: jnp.asarray(v) for k, v in packed.items()})))
+    if chunk:
+      out = chunked(fn, chunk)(params, packing.pad_rows(packed, self.capacity(chunk)))
+    else:
+      out = fn(params, {k: jnp.asarray(v) for k, v in packed.items()})
+    return jnp.asarray(self.unpack_BT(out))
+
+  def capacity(self, step: int) -> int:
+    """Rows that hold any packing of these trajectories, in multiples of `step`: one per trajectory."""
+    return -(-len(self.lengths) // step) * step
 
   def unpack_BT(self, x_RT: Any) -> np.ndarray:
     """Packed next-token-aligned values [R, T] -> [B, T] (0 past each trajectory's end)."""
@@ -104,6 +115,24 @@ class RowLayout:
         out[b, :max(n - 1, 0)] = x[r, at:at + n - 1]
         at += n
     return out
+
+
+@functools.cache
+def chunked(fn: Any, chunk: int) -> Any:
+  """jit of `fn(params, batch) -> [R, ...]` over chunks of `chunk` rows in turn; a chunk with no
+  valid token is not computed (its output is 0)."""
+
+  def run(params, batch):
+    n = batch["valid"].shape[0] // chunk
+    split = jax.tree.map(lambda x: x.reshape(n, chunk, *x.shape[1:]), batch)
+    like = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], split))
+
+    def one(micro):
+      return jax.lax.cond(jnp.any(micro["valid"] != 0), lambda: fn(params, micro),
+                          lambda: jnp.zeros(like.shape, like.dtype))
+    out = jax.lax.map(one, split)
+    return out.reshape(n * chunk, *out.shape[2:])
+  return jax.jit(run)
 
 
 def pack_update_batch(batch: dict[str, np.ndarray], *, multiple: int = 1) -> dict[str, np.ndarray]:

@@ -29,7 +29,6 @@ from autotraj_jax.training.rl.advantages import AdvantageInputs, Advantages, est
 from autotraj_jax.training.rl.batch import (
   RowLayout,
   logprob_gap,
-  pack_update_batch,
   pick_bucket,
   rollout_batch,
   shifted_mask,
@@ -90,16 +89,24 @@ class _Part:
     return meta
 
   def update(self, batch: dict[str, np.ndarray], minibatches: int) -> dict[str, float]:
-    """`minibatches` optimizer steps over `batch` in order (each minibatch packed into fewer rows
-    when the trainer packs); the mean of their metrics, with the update's padding fraction."""
+    """`minibatches` optimizer steps over `batch` in order; the mean of their metrics, with the
+    update's padding fraction. When the trainer packs, a minibatch's packed rows are laid out in
+    micro-batches of `packed_rows` rows, with empty ones (skipped by the step) up to one row per
+    trajectory: one shape, so one compile, whatever the packing needs."""
     size = batch["tokens"].shape[0] // minibatches
     out: dict[str, float] = {}
     for i in range(minibatches):
       part = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
+      num_micro = None
       if self.trainer.cfg.pack:
-        part = pack_update_batch(part, multiple=self.trainer.packed_rows(size))
-      out["padding"] = out.get("padding", 0.0) + packing.padding_fraction(part) / minibatches
-      self.state, m = self.trainer.train_step(self.state, self.trainer.device_batch(part))
+        step = self.trainer.packed_rows(size)
+        layout = RowLayout.of(part["valid"], step)
+        part = layout.pack(part)
+        out["padding"] = out.get("padding", 0.0) + packing.padding_fraction(part) / minibatches
+        part, num_micro = packing.pad_rows(part, layout.capacity(step)), layout.capacity(step) // step
+      else:
+        out["padding"] = out.get("padding", 0.0) + packing.padding_fraction(part) / minibatches
+      self.state, m = self.trainer.train_step(self.state, self.trainer.device_batch(part, num_micro=num_micro))
       for k, v in jax.device_get(m).items():
         out[k] = out.get(k, 0.0) + float(v) / minibatches
     return out
@@ -135,7 +142,7 @@ class Learner:
     policy_meta = {"model_config": model_config.to_dict(), "model_kind": "causal_lm",
                    "advantage": obj.advantage, **(meta or {})}
     self.policy = _Part(Trainer(train, loss_fn=make_policy_loss(graphdef, obj), params=params, mesh=mesh,
-                                workdir=self.workdir, meta=policy_meta, progress=False))
+                                workdir=self.workdir, meta=policy_meta, progress=False, skip_empty=True))
     self._ref = None if ref is None else jax.device_put(ref, self.policy.trainer.state_shardings.params)
     self._logprob_fn = jax.jit(make_logprob_fn(graphdef))
     self.critic: _Part | None = None
@@ -144,7 +151,7 @@ class Learner:
       critic_meta = {"model_config": model_config.to_dict(), "model_kind": "scalar"}
       self.critic = _Part(Trainer(critic_train, loss_fn=make_value_loss(critic_graphdef, obj), params=critic_params,
                                   mesh=mesh, workdir=os.path.join(self.workdir, "critic"), meta=critic_meta,
-                                  progress=False))
+                                  progress=False, skip_empty=True))
       self._value_fn = jax.jit(make_value_fn(critic_graphdef))
 
   @staticmethod
@@ -214,12 +221,12 @@ class Learner:
     """Log-probs, values and advantages of the batch under the current params. When the policy
     trainer packs, the forwards run on packed rows and come back as [B, T]."""
     obj = self.cfg.objective
-    layout = None
+    layout, step = None, self.policy.trainer.packed_rows(len(host["valid"]))
     if self.policy.trainer.cfg.pack:
-      layout = RowLayout.of(host["valid"], self.policy.trainer.packed_rows(len(host["valid"])))
+      layout = RowLayout.of(host["valid"], step)
 
     def forward(fn, params):
-      return fn(params, dev) if layout is None else layout.forward_BT(fn, params, host)
+      return fn(params, dev) if layout is None else layout.forward_BT(fn, params, host, chunk=step)
     old_logp = forward(self._logprob_fn, self.policy.state.params)
     ref_logp = forward(self._logprob_fn, self._ref) if self._ref is not None else old_logp
     mask = shifted_mask(dev)
