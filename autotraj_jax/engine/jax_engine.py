@@ -4,8 +4,10 @@ with a prefix cache that keeps each trajectory's KV rows across calls.
 Shapes are bucketed (batch, cached prefix, new prompt tokens, new tokens), so each bucket
 compiles once and a call never recompiles. A row's slots hold, in order: the KV of its cached
 prefix right-aligned to slot A, its new prompt tokens left-padded to end at slot A + L, then the
-generated tokens; positions are per row and a slot mask hides the gaps, so every row writes the
-same cache slot each step. Decoding runs on device in chunks of `chunk_steps`; between chunks
+generated tokens, with any slots left over from rounding the total up to `cache_multiple` at
+the end (the decode loop compiles per (batch, slots), and a rollout's turns meet many sums);
+positions are per row and a slot mask hides the gaps, so every row writes the same cache slot
+each step. Decoding runs on device in chunks of `chunk_steps`; between chunks
 the host decodes the new text and ends rows whose stop string was split across tokens in a way
 the on-device check (stop ids, tokens containing a stop string, the stop string's own
 tokenisation as a suffix) did not see. Batches without stop strings decode in one chunk.
