@@ -85,6 +85,34 @@ def test_seed_gives_same_sample_in_any_batch(engine, demo_tokenizer):
   assert other_seed.token_ids != alone.token_ids
 
 
+def test_samples_of_one_prompt_are_prefilled_once_and_sample_as_alone(hf_model, demo_tokenizer):
+  """4 samples of each of 2 prompts: 2 prompts prefilled (batch bucket 4, not 8), and each sample
+  is the one its seed draws alone; the next turn continues from each sample's own KV."""
+  cfg, _, params = load_hf(hf_model[1])
+  graphdef, _ = init_model(cfg)
+  eng = JaxEngine(graphdef, params, cfg, demo_tokenizer, config=EngineConfig(
+      batch_buckets=(1, 4, 8), prompt_buckets=(16, 32), new_token_buckets=(16,), extend_buckets=(32,),
+      prefix_min_match=4))
+  prompts = [demo_tokenizer.encode(p) for p in PROMPTS[:2]]
+  reqs = [GenerationRequest(p, SamplingParams(temperature=1.0, max_new_tokens=16, seed=10 * i + k))
+          for i, p in enumerate(prompts) for k in range(4)]
+  outs = eng.generate(reqs)
+  assert eng.prefill_tokens == sum(len(p) for p in prompts) and eng.context_tokens == 4 * eng.prefill_tokens
+  assert len({tuple(o.token_ids) for o in outs}) > 2  # the samples differ
+  for r, o in zip(reqs, outs):
+    alone = eng.generate([r])[0]  # batch 1: nothing to share
+    assert alone.token_ids == o.token_ids
+    np.testing.assert_allclose(alone.logprobs, o.logprobs, atol=1e-5)
+  # Next turn: each context + its completion + a tool result, against a fresh engine with no reuse.
+  turn2 = [GenerationRequest(list(r.prompt_ids) + list(o.token_ids) + [5, 6, 7],
+                             SamplingParams(temperature=0.0, max_new_tokens=8))
+           for r, o in zip(reqs, outs)]
+  plain = JaxEngine(graphdef, params, cfg, demo_tokenizer, config=EngineConfig(
+      batch_buckets=(1, 4, 8), prompt_buckets=(16, 32, 64), new_token_buckets=(16,), prefix_cache_rows=0))
+  for a, b in zip(eng.generate(turn2), plain.generate(turn2)):
+    assert a.token_ids == b.token_ids
+
+
 def test_top_k_one_is_greedy(engine, demo_tokenizer):
   p = demo_tokenizer.encode(PROMPTS[0])
   a = engine.generate([GenerationRequest(p, greedy(16))])[0]

@@ -67,7 +67,8 @@ def test_multi_turn_rollout_same_with_and_without_cache(model, demo_tokenizer):
     for sa, sb in zip(a.segments, b.segments):
       if sa.kind == "model":
         np.testing.assert_allclose(sa.logprobs, sb.logprobs, atol=2e-5)
-  assert plain.prefill_ratio == 1.0
+  # Without the cache only identical requests share a prefill (a question's two greedy samples).
+  assert 0.5 <= plain.prefill_ratio < 1.0
   assert cached.prefill_ratio < 0.4
 
 
@@ -86,8 +87,9 @@ def test_three_turn_loop_prefills_under_40_percent(model, demo_tokenizer):
   seen = sum(3 * len(t.prompt_ids) + 2 * (len(t.segments[0].token_ids) + len(t.segments[1].token_ids))
              + len(t.segments[2].token_ids) + len(t.segments[3].token_ids) for t in trajs)
   assert engine.context_tokens == seen
-  assert engine.prefill_tokens == sum(len(t.prompt_ids) + len(t.segments[1].token_ids) + len(t.segments[3].token_ids)
-                                      for t in trajs)
+  # Once per question: its two greedy samples are the same requests, prefilled together.
+  assert engine.prefill_tokens == sum({t.question_id: len(t.prompt_ids) + len(t.segments[1].token_ids)
+                                       + len(t.segments[3].token_ids) for t in trajs}.values())
   assert engine.prefill_ratio < 0.4
   # Finished trajectories handed their rows back.
   assert engine._index.lengths.sum() == 0

@@ -181,19 +181,21 @@ class JaxEngine:
       return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-  def _prefill_fn(self, params, pool, tokens_BL, valid_BL, cached_B, rows_B, const, *, cached_len: int,
+  def _prefill_fn(self, params, pool, tokens_BL, valid_BL, cached_B, rows_B, const, expand_B, *, cached_len: int,
                   cache_len: int, num_new: int):
     """Prefill the new tokens on top of each row's cached prefix (gathered from the pool into
-    slots [cached_len - cached_B, cached_len)); returns the decode state."""
+    slots [cached_len - cached_B, cached_len)); returns the decode state. `expand_B` (None: the
+    identity) gives each decode row the prefilled row it starts from, so identical prompts (the
+    samples of one question) are prefilled once."""
     self.num_compiles += 1
     model = nnx.merge(self.graphdef, params)
-    B, L = tokens_BL.shape
+    R, L = tokens_BL.shape  # prefilled rows
     A, S = cached_len, cache_len
     cfg = self.model_cfg
     slots = jnp.arange(S)[None, :]
     if pool is None:
       prefix = None
-      prefix_valid = jnp.zeros((B, S), bool)
+      prefix_valid = jnp.zeros((R, S), bool)
     else:
       Sp = pool[0].k.shape[3]
       src = jnp.clip(jnp.arange(A)[None, :] - (A - cached_B[:, None]), 0, Sp - 1)  # [B, A]
@@ -201,11 +203,16 @@ class JaxEngine:
       take = lambda a: a[rows_B[:, None, None], heads, :, src[:, None, :]]  # [B, K, A, H]
       prefix = [LayerCache(take(c.k), take(c.v)) for c in pool]
       prefix_valid = (slots >= A - cached_B[:, None]) & (slots < A)
-    new_valid = jnp.zeros((B, S), bool).at[:, A:A + L].set(valid_BL.astype(bool))
+    new_valid = jnp.zeros((R, S), bool).at[:, A:A + L].set(valid_BL.astype(bool))
     slot_valid = prefix_valid | new_valid
     positions = cached_B[:, None] + jnp.maximum(jnp.cumsum(valid_BL, axis=-1) - 1, 0)
     mask = slot_valid[:, None, :A + L] & (slots[:, :A + L] <= A + jnp.arange(L)[:, None])[None]
     logits, cache = prefill_forward(model, tokens_BL, positions, mask, prefix, S)
+    if expand_B is not None:
+      take_rows = lambda a: jnp.take(a, expand_B, axis=0)
+      logits, slot_valid, positions = take_rows(logits), take_rows(slot_valid), take_rows(positions)
+      cache = [type(c)(*(take_rows(a) for a in c)) for c in cache]
+    B = logits.shape[0]
     cache = [type(c)(*(self._constrain(a, P(shd.BATCH_AXES, None, None, None)) for a in c)) for c in cache]
     T = num_new
     return {"i": jnp.zeros((), jnp.int32), "t": jnp.zeros((), jnp.int32), "tokens": jnp.zeros((B, T), jnp.int32),
@@ -386,14 +393,27 @@ class JaxEngine:
       L = _bucket(max(new), cfg.prompt_buckets, "prompt length", "prompt_buckets")
     T = _bucket(max(r.sampling.max_new_tokens for r in reqs), cfg.new_token_buckets, "max_new_tokens",
                 "new_token_buckets")
+    # Identical prompts with the same cached prefix (the samples of one question) are prefilled
+    # once when that takes a smaller batch bucket; `expand` maps each row to its prefilled row.
+    first: dict[tuple, int] = {}
+    source = [first.setdefault((p.tobytes(), r, c), len(first)) for p, r, c in zip(prompts, plan.read, plan.cached)]
+    Bp = _bucket(-(-len(first) // self._batch_multiple) * self._batch_multiple, cfg.batch_buckets, "batch",
+                 "batch_buckets")
+    expand = None
+    if Bp < B:
+      expand = np.asarray(source + [0] * (B - n), np.int32)
+      fill = [source.index(u) for u in range(len(first))]  # the first row of each prompt
+    else:
+      Bp, fill = B, list(range(n))
     self.context_tokens += sum(len(p) for p in prompts)
-    self.prefill_tokens += sum(new)
-    tokens = np.zeros((B, L), np.int32)
-    valid = np.zeros((B, L), np.int32)
-    for b, (p, c) in enumerate(zip(prompts, plan.cached)):
-      tokens[b, L - len(p) + c:] = p[c:]
-      valid[b, L - len(p) + c:] = 1
-    valid[n:, -1] = 1  # filler rows: one valid token so softmax is defined
+    self.prefill_tokens += sum(new[b] for b in fill)
+    tokens = np.zeros((Bp, L), np.int32)
+    valid = np.zeros((Bp, L), np.int32)
+    for i, b in enumerate(fill):
+      p, c = prompts[b], plan.cached[b]
+      tokens[i, L - len(p) + c:] = p[c:]
+      valid[i, L - len(p) + c:] = 1
+    valid[len(fill):, -1] = 1  # filler rows: one valid token so softmax is defined
     pad = lambda vals, fill, dtype: np.asarray(list(vals) + [fill] * (B - n), dtype)
     any_stop_strings = any(r.stop for r in reqs)
     stop_vocab, stop_seqs, stop_lens = self._device_stop_tables(reqs, B)
@@ -409,12 +429,12 @@ class JaxEngine:
         "any_filter": np.bool_(any(r.sampling.top_p < 1.0 or r.sampling.top_k > 0 for r in reqs)),
         "rows": np.int32(n),  # real rows; the rest are filler, done from the start
     }
-    rows = pad(plan.read, 0, np.int32)
-    cached = pad(plan.cached, 0, np.int32)
-    const, tokens_d, valid_d, rows_d, cached_d = jax.device_put((host, tokens, valid, rows, cached))
+    rows = np.asarray([plan.read[b] for b in fill] + [0] * (Bp - len(fill)), np.int32)
+    cached = np.asarray([plan.cached[b] for b in fill] + [0] * (Bp - len(fill)), np.int32)
+    const, tokens_d, valid_d, rows_d, cached_d, expand_d = jax.device_put((host, tokens, valid, rows, cached, expand))
     const.update(stop_vocab=stop_vocab, stop_seqs=stop_seqs, stop_lens=stop_lens)
     pool = self._pool if A else None
-    state = self._prefill(self.params, pool, tokens_d, valid_d, cached_d, rows_d, const,
+    state = self._prefill(self.params, pool, tokens_d, valid_d, cached_d, rows_d, const, expand_d,
                           cached_len=A, cache_len=-(-(A + L + T) // cfg.cache_multiple) * cfg.cache_multiple,
                           num_new=T)
     host_stop: dict[int, tuple[int, str]] = {}
