@@ -379,10 +379,15 @@ class JaxEngine:
         claimed.add(write[b])
     return _Plan(read, cached, write)
 
+  def _batch_bucket(self, rows: int) -> int:
+    """The padded batch of `rows` rows: a multiple of the mesh's batch shards, then a bucket."""
+    m = self._batch_multiple
+    return _bucket(-(-rows // m) * m, self.config.batch_buckets, "batch", "batch_buckets")
+
   def _generate_batch(self, reqs: Sequence[GenerationRequest]) -> list[Completion]:
     cfg = self.config
     n = len(reqs)
-    B = _bucket(-(-n // self._batch_multiple) * self._batch_multiple, cfg.batch_buckets, "batch", "batch_buckets")
+    B = self._batch_bucket(n)
     prompts = [np.asarray(r.prompt_ids, np.int32) for r in reqs]
     plan = self._plan(prompts)
     new = [len(p) - c for p, c in zip(prompts, plan.cached)]
@@ -397,8 +402,7 @@ class JaxEngine:
     # once when that takes a smaller batch bucket; `expand` maps each row to its prefilled row.
     first: dict[tuple, int] = {}
     source = [first.setdefault((p.tobytes(), r, c), len(first)) for p, r, c in zip(prompts, plan.read, plan.cached)]
-    Bp = _bucket(-(-len(first) // self._batch_multiple) * self._batch_multiple, cfg.batch_buckets, "batch",
-                 "batch_buckets")
+    Bp = self._batch_bucket(len(first))
     expand = None
     if Bp < B:
       expand = np.asarray(source + [0] * (B - n), np.int32)

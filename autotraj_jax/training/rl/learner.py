@@ -97,15 +97,13 @@ class _Part:
     out: dict[str, float] = {}
     for i in range(minibatches):
       part = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
-      num_micro = None
+      layout, step, num_micro = None, self.trainer.packed_rows(size), None
       if self.trainer.cfg.pack:
-        step = self.trainer.packed_rows(size)
         layout = RowLayout.of(part["valid"], step)
         part = layout.pack(part)
-        out["padding"] = out.get("padding", 0.0) + packing.padding_fraction(part) / minibatches
+      out["padding"] = out.get("padding", 0.0) + packing.padding_fraction(part) / minibatches  # rows computed
+      if layout is not None:
         part, num_micro = packing.pad_rows(part, layout.capacity(step)), layout.capacity(step) // step
-      else:
-        out["padding"] = out.get("padding", 0.0) + packing.padding_fraction(part) / minibatches
       self.state, m = self.trainer.train_step(self.state, self.trainer.device_batch(part, num_micro=num_micro))
       for k, v in jax.device_get(m).items():
         out[k] = out.get(k, 0.0) + float(v) / minibatches
