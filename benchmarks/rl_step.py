@@ -47,6 +47,7 @@ import numpy as np
 
 from autotraj_jax.engine import EngineConfig, JaxEngine, SamplingParams
 from autotraj_jax.models import abstract_model, get_preset, init_model
+from autotraj_jax.pipeline.builders import from_node
 from autotraj_jax.pipeline.config import base_config
 from autotraj_jax.rewards import RewardConfig, compute_rewards
 from autotraj_jax.taskworld import read_split, write_world
@@ -84,6 +85,18 @@ def load_policy(args, tmp: str) -> tuple[Any, Any, Any, Any, str]:
   return cfg, graphdef, params, tokenizer, f"random-init preset {args.preset}"
 
 
+def engine_overrides(text: str) -> dict[str, Any]:
+  """'field=1,2;other=3' -> {'field': (1, 2), 'other': 3}: integers, a tuple where a comma is."""
+  out: dict[str, Any] = {}
+  for item in filter(None, text.split(";")):
+    name, _, value = item.partition("=")
+    if name not in base_config().engine:
+      raise argparse.ArgumentTypeError(f"unknown engine field {name!r}")
+    vals = tuple(int(v) for v in value.split(","))
+    out[name] = vals if "," in value or isinstance(base_config().engine[name], tuple) else vals[0]
+  return out
+
+
 class GRPOBench:
   """One GRPO step as the RL stage does it, with each phase timed on its own."""
 
@@ -104,11 +117,12 @@ class GRPOBench:
                                 seed=args.seed))
     self.reward_cfg = RewardConfig(weights={"outcome": 1.0, "format": 0.5})
     self.rl_cfg = rl.RLConfig(advantage=args.advantage)
-    # The pipeline's engine batch buckets (`engine.batch_buckets`, or --batch-buckets); one
-    # new-token bucket that fits every turn, so decoding compiles once per (batch, prompt) shape.
-    self.engine = JaxEngine(graphdef, params, cfg, tokenizer, config=EngineConfig(
-        batch_buckets=args.batch_buckets, prompt_buckets=(256, 512, 1024, 2048, 4096),
-        new_token_buckets=(args.max_tokens_per_turn,), chunk_steps=32, seed=args.seed))
+    # The pipeline's engine (`engine.*` of the base config, as the RL stage builds it), with
+    # --engine overrides; one new-token bucket that fits every turn.
+    engine = base_config().engine
+    engine.update(new_token_buckets=(args.max_tokens_per_turn,), **args.engine)
+    self.engine = JaxEngine(graphdef, params, cfg, tokenizer,
+                            config=from_node(EngineConfig, engine, seed=args.seed))
     opt = make_optimizer(OptimizerConfig(learning_rate=args.learning_rate, total_steps=1000, grad_clip=1.0))
     # The state may share arrays with the engine; a donated step frees them, but the engine is
     # handed the new params right after each step, before it samples again.
@@ -242,8 +256,9 @@ def main():
   p.add_argument("--train-steps", type=int, default=5, help="timed SFT / RM steps")
   p.add_argument("--warmup", type=int, default=2, help="SFT / RM steps before timing (the first compiles)")
   p.add_argument("--parts", default="rl,sft,rm", help="comma list of rl, sft, rm")
-  p.add_argument("--batch-buckets", type=lambda v: tuple(int(x) for x in v.split(",")),
-                 default=tuple(base_config().engine.batch_buckets), help="engine batch buckets (default: the config's)")
+  p.add_argument("--engine", type=engine_overrides, default={}, metavar="FIELD=A,B;...",
+                 help="engine config overrides, e.g. 'batch_buckets=8,16,32;cache_multiple=256' "
+                      "(default: the pipeline config's engine)")
   p.add_argument("--no-pack", dest="pack", action="store_false",
                  help="one trajectory per row in the update (default: packed rows, as rl.pack=True)")
   p.add_argument("--seed", type=int, default=0)

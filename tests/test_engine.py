@@ -113,6 +113,37 @@ def test_samples_of_one_prompt_are_prefilled_once_and_sample_as_alone(hf_model, 
     assert a.token_ids == b.token_ids
 
 
+def test_identical_rows_on_a_cached_prefix_reuse_the_batch_shape(hf_model, demo_tokenizer):
+  """Greedy samples of one question are identical, and so are their next turns. Those are
+  prefilled row by row in the batch's own shape, so they compile nothing that distinct next
+  turns (sampled ones) did not, and give the tokens of an engine with no reuse."""
+  cfg, _, params = load_hf(hf_model[1])
+  graphdef, _ = init_model(cfg)
+  eng = JaxEngine(graphdef, params, cfg, demo_tokenizer, config=EngineConfig(
+      batch_buckets=(4, 8), prompt_buckets=(32, 64), new_token_buckets=(16,), extend_buckets=(32,),
+      prefix_min_match=4))
+  prompts = [demo_tokenizer.encode(p) for p in PROMPTS[:2]]
+
+  def two_turns(sampling):
+    first = [GenerationRequest(p, sampling(4 * i + k)) for i, p in enumerate(prompts) for k in range(4)]
+    outs = eng.generate(first)
+    turn2 = [GenerationRequest(list(r.prompt_ids) + list(o.token_ids) + [5, 6, 7], greedy(8))
+             for r, o in zip(first, outs)]
+    eng.reset_stats()
+    return turn2, eng.generate(turn2)
+
+  sampled, _ = two_turns(lambda s: SamplingParams(temperature=1.0, max_new_tokens=16, seed=s))
+  assert len({tuple(r.prompt_ids) for r in sampled}) == 8
+  compiles = eng.num_compiles
+  eng.clear_prefix_cache()
+  same, outs = two_turns(lambda s: greedy(16))
+  assert len({tuple(r.prompt_ids) for r in same}) == 2
+  assert eng.num_compiles == compiles
+  assert eng.prefill_tokens == 8 * 3  # each row's tool result, none shared
+  plain = JaxEngine(graphdef, params, cfg, demo_tokenizer, config=EngineConfig(
+      batch_buckets=(4, 8), prompt_buckets=(32, 64), new_token_buckets=(16,), prefix_cache_rows=0))
+  for a, b in zip(outs, plain.generate(same)):
+    assert a.token_ids == b.token_ids
 def test_top_k_one_is_greedy(engine, demo_tokenizer):
   p = demo_tokenizer.encode(PROMPTS[0])
   a = engine.generate([GenerationRequest(p, greedy(16))])[0]

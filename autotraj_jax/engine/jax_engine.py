@@ -65,7 +65,7 @@ class EngineConfig:
   # New prompt tokens on top of a cached prefix (a tool result and the turn's last token): coarse,
   # since each (batch, prefix, new) bucket compiles a prefill (~1.5 s for the demo model on CPU)
   # and padding a few tool-result tokens costs far less.
-  extend_buckets: tuple[int, ...] = (32, 128, 512, 1024, 2048, 4096)
+  extend_buckets: tuple[int, ...] = (128, 512, 1024, 2048, 4096)
   chunk_steps: int = 32
   # The decode loop's KV slots (cached prefix + new prompt + new tokens) rounded up to a multiple
   # of this, so calls whose prefix and prompt buckets differ share one compiled decode loop (a
@@ -398,13 +398,14 @@ class JaxEngine:
       L = _bucket(max(new), cfg.prompt_buckets, "prompt length", "prompt_buckets")
     T = _bucket(max(r.sampling.max_new_tokens for r in reqs), cfg.new_token_buckets, "max_new_tokens",
                 "new_token_buckets")
-    # Identical prompts with the same cached prefix (the samples of one question) are prefilled
-    # once when that takes a smaller batch bucket; `expand` maps each row to its prefilled row.
-    first: dict[tuple, int] = {}
-    source = [first.setdefault((p.tobytes(), r, c), len(first)) for p, r, c in zip(prompts, plan.read, plan.cached)]
+    # Identical fresh prompts (the samples of one question) are prefilled once when that takes a
+    # smaller batch bucket; `expand` maps each row to its prefilled row. Not on a cached prefix:
+    # there identical rows share only a short extension, not worth a prefill shape of its own.
+    first: dict[bytes, int] = {}
+    source = [first.setdefault(p.tobytes(), len(first)) for p in prompts]
     Bp = self._batch_bucket(len(first))
     expand = None
-    if Bp < B:
+    if Bp < B and A == 0:
       expand = np.asarray(source + [0] * (B - n), np.int32)
       fill = [source.index(u) for u in range(len(first))]  # the first row of each prompt
     else:

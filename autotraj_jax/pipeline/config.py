@@ -244,13 +244,13 @@ SCHEMA: dict[str, Any] = dict(
                   checkpoint=F("", "checkpoint dir of the repairer ('': <workdir>/repairer, else the policy)",
                                dir_or_empty, path=True),
                   sglang_urls=F((), "servers of the repairer (empty: sglang.urls)")),
-    engine=dict(batch_buckets=F((4, 8, 16, 32, 64), "padded batch sizes of the in-process engine; none below 4, "
+    engine=dict(batch_buckets=F((8, 16, 32, 64), "padded batch sizes of the in-process engine; none below 8, "
                                 "since the last few live trajectories of a rollout would otherwise compile their "
                                 "own shapes (~3 s each on CPU) to save ~1 ms a step", buckets),
                 prompt_buckets=F((128, 256, 384, 512, 768, 1024, 2048), "padded prompt lengths in tokens; a "
                                  "longer prompt is recorded as a failure (finish reason prompt_too_long)", buckets),
                 new_token_buckets=F((96, 256, 512), "padded new-token budgets per call", buckets),
-                extend_buckets=F((32, 128, 512, 1024, 2048), "padded lengths of new prompt tokens on top of a "
+                extend_buckets=F((128, 512, 1024, 2048), "padded lengths of new prompt tokens on top of a "
                                  "cached prefix (a tool result and the next turn); coarse, since each bucket "
                                  "compiles a prefill", buckets),
                 chunk_steps=F(32, "decode steps per jitted call between stop checks", positive),
