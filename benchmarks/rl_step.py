@@ -3,6 +3,7 @@
     python benchmarks/rl_step.py [--policy assets/demo_policy | --preset demo] [--prompts 8] [--samples 4]
                                  [--steps 3] [--seq 1024] [--max-tokens-per-turn 256]
                                  [--max-response-tokens 640] [--batch 8] [--train-seq 512]
+                                 [--engine 'batch_buckets=8,16,32;cache_multiple=256']
 
 The policy is `--policy` (an HF directory with its tokenizer; default `assets/demo_policy` when it
 exists, since random weights write random tokens and so make unrealistic rollouts), or else a
@@ -11,8 +12,9 @@ does it (autotraj_jax/training/rl/learner.py), on task-world training questions 
 and BM25 search over the world's corpus. One warm-up step runs first; its time (compiles
 included) is printed apart from the mean over the `--steps` timed steps. Figures:
 
-- rollout: the multi-turn tool loop (`run_rollouts` on the in-process JaxEngine): sampling plus
-  tool calls, `--prompts` x `--samples` trajectories. gen tok/s = model-written tokens / this time.
+- rollout: the multi-turn tool loop (`run_rollouts` on the in-process JaxEngine with the
+  pipeline's `engine` config, each field overridable by --engine): sampling plus tool calls,
+  `--prompts` x `--samples` trajectories. gen tok/s = model-written tokens / this time.
 - reward: `compute_rewards` (outcome + format, the RL stage's weights 1.0 / 0.5).
 - logprob: laying the batch out at the bucket length `--seq` (packed rows, `rl.RowLayout`, unless
   --no-pack), the jitted logprob recompute under the current params, and group advantages by

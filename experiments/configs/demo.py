@@ -11,8 +11,8 @@ Stage 2: evaluates the base policy, SFT on high-quality only, AutoTraj SFT (high
 the same SFT with the question-only repairs, trains the Bradley-Terry RM on the pairs, runs GRPO
 with outcome + format rewards and with outcome + format + RM from the AutoTraj SFT policy, evaluates
 each on held-out test questions and writes results.json, results.md and plots/. Measured runtime on
-a quiet 2-core CPU: 23 minutes (generation 2.4, repair 2.5, question-only repair 1.3, each evaluation
-0.5, each SFT 1.5-1.7, the RM 1.9, each GRPO variant 3.5). Expected result: the table of
+a quiet 2-core CPU from an empty compile cache: 20 minutes (generation 2.1, repair 2.4, question-only
+repair 0.9, each evaluation 0.4-0.5, each SFT 1.6-1.8, the RM 2.0, each GRPO variant 2.5). Expected result: the table of
 `results.rows` in results.md (figures of runs are in the README).
 """
 
