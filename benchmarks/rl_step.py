@@ -3,7 +3,7 @@
     python benchmarks/rl_step.py [--policy assets/demo_policy | --preset demo] [--prompts 8] [--samples 4]
                                  [--steps 3] [--seq 1024] [--max-tokens-per-turn 256]
                                  [--max-response-tokens 640] [--batch 8] [--train-seq 512]
-                                 [--engine 'batch_buckets=8,16,32;cache_multiple=256']
+                                 [--engine batch_buckets=8,16,32 --engine cache_multiple=256]
 
 The policy is `--policy` (an HF directory with its tokenizer; default `assets/demo_policy` when it
 exists, since random weights write random tokens and so make unrealistic rollouts), or else a
@@ -13,7 +13,8 @@ and BM25 search over the world's corpus. One warm-up step runs first; its time (
 included) is printed apart from the mean over the `--steps` timed steps. Figures:
 
 - rollout: the multi-turn tool loop (`run_rollouts` on the in-process JaxEngine with the
-  pipeline's `engine` config, each field overridable by --engine): sampling plus tool calls,
+  pipeline's `engine` config, each field settable by --engine as by --config.engine.FIELD of
+  experiments/main.py): sampling plus tool calls,
   `--prompts` x `--samples` trajectories. gen tok/s = model-written tokens / this time.
 - reward: `compute_rewards` (outcome + format, the RL stage's weights 1.0 / 0.5).
 - logprob: laying the batch out at the bucket length `--seq` (packed rows, `rl.RowLayout`, unless
@@ -50,7 +51,7 @@ import numpy as np
 from autotraj_jax.engine import EngineConfig, JaxEngine, SamplingParams
 from autotraj_jax.models import abstract_model, get_preset, init_model
 from autotraj_jax.pipeline.builders import from_node
-from autotraj_jax.pipeline.config import base_config
+from autotraj_jax.pipeline.config import ConfigError, apply_override, base_config, validate
 from autotraj_jax.rewards import RewardConfig, compute_rewards
 from autotraj_jax.taskworld import read_split, write_world
 from autotraj_jax.tir.rollout import Query, RolloutConfig, run_rollouts
@@ -87,18 +88,6 @@ def load_policy(args, tmp: str) -> tuple[Any, Any, Any, Any, str]:
   return cfg, graphdef, params, tokenizer, f"random-init preset {args.preset}"
 
 
-def engine_overrides(text: str) -> dict[str, Any]:
-  """'field=1,2;other=3' -> {'field': (1, 2), 'other': 3}: integers, a tuple where a comma is."""
-  out: dict[str, Any] = {}
-  for item in filter(None, text.split(";")):
-    name, _, value = item.partition("=")
-    if name not in base_config().engine:
-      raise argparse.ArgumentTypeError(f"unknown engine field {name!r}")
-    vals = tuple(int(v) for v in value.split(","))
-    out[name] = vals if "," in value or isinstance(base_config().engine[name], tuple) else vals[0]
-  return out
-
-
 class GRPOBench:
   """One GRPO step as the RL stage does it, with each phase timed on its own."""
 
@@ -121,8 +110,8 @@ class GRPOBench:
     self.rl_cfg = rl.RLConfig(advantage=args.advantage)
     # The pipeline's engine (`engine.*` of the base config, as the RL stage builds it), with
     # --engine overrides; one new-token bucket that fits every turn.
-    engine = base_config().engine
-    engine.update(new_token_buckets=(args.max_tokens_per_turn,), **args.engine)
+    engine = args.config.engine
+    engine.update(new_token_buckets=(args.max_tokens_per_turn,))
     self.engine = JaxEngine(graphdef, params, cfg, tokenizer,
                             config=from_node(EngineConfig, engine, seed=args.seed))
     opt = make_optimizer(OptimizerConfig(learning_rate=args.learning_rate, total_steps=1000, grad_clip=1.0))
@@ -258,13 +247,21 @@ def main():
   p.add_argument("--train-steps", type=int, default=5, help="timed SFT / RM steps")
   p.add_argument("--warmup", type=int, default=2, help="SFT / RM steps before timing (the first compiles)")
   p.add_argument("--parts", default="rl,sft,rm", help="comma list of rl, sft, rm")
-  p.add_argument("--engine", type=engine_overrides, default={}, metavar="FIELD=A,B;...",
-                 help="engine config overrides, e.g. 'batch_buckets=8,16,32;cache_multiple=256' "
-                      "(default: the pipeline config's engine)")
+  p.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE",
+                 help="set a field of the pipeline config's engine, read and checked as --config.engine.FIELD "
+                      "(repeatable), e.g. --engine batch_buckets=8,16,32")
   p.add_argument("--no-pack", dest="pack", action="store_false",
                  help="one trajectory per row in the update (default: packed rows, as rl.pack=True)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
+  args.config = base_config()
+  try:
+    for item in args.engine:
+      field, _, raw = item.partition("=")
+      apply_override(args.config, f"engine.{field}", raw)
+    validate(args.config, require_workdir=False, check_paths=False)
+  except ConfigError as e:
+    p.error(f"--engine: {e}")
   # bm25s sets its own logger to DEBUG when imported; a filter outlives that.
   logging.getLogger("bm25s").addFilter(lambda r: r.levelno >= logging.WARNING)
   parts = set(args.parts.split(","))
