@@ -20,11 +20,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import STAGE1, STAGE2, base_config  # noqa: E402
+from common import DEMO_REPAIRER, STAGE1, STAGE2, base_config  # noqa: E402
 
 
 def get_config():
   c = base_config()
   c.stages = STAGE1 + STAGE2
-  c.repair.max_originals = 240  # all ~60 low-quality + wrong ones round-robin over questions; all ~950: ~10 min
+  c.repairer.update(hf_dir=DEMO_REPAIRER, name="demo-repairer")
+  # Sized to run in about 20 minutes on 2 CPU cores: 250 stage-1 questions, the ~70 low-quality
+  # originals and wrong ones round-robin over questions up to 200 (all ~900: ~10 min), 40 SFT and RM
+  # steps, 16 RL steps.
+  c.generate.num_queries = c.rl.max_questions = 250  # RL draws from the stage-1 questions
+  c.repair.max_originals = 200
+  c.sft.steps = 40
+  c.rm.steps = 40
+  c.rl.steps = 16
   return c
