@@ -241,7 +241,7 @@ def main():
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--advantage", default="dr_grpo", help="a critic-free registered advantage estimator")
   p.add_argument("--learning-rate", type=float, default=1e-5)
-  p.add_argument("--num-entities", type=int, default=1200, help="task-world size (the demo config's)")
+  p.add_argument("--num-entities", type=int, default=1200, help="task-world size (1200: the README figures' world)")
   p.add_argument("--batch", type=int, default=8, help="SFT sequences / RM pairs per step")
   p.add_argument("--train-seq", type=int, default=512, help="SFT / RM sequence length")
   p.add_argument("--train-steps", type=int, default=5, help="timed SFT / RM steps")

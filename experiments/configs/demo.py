@@ -2,18 +2,21 @@
 
     python experiments/main.py --config experiments/configs/demo.py --config.workdir=/tmp/demo
 
-Stage 1: builds the synthetic task world, imports the shipped warm-started ~4M-parameter policy
-(assets/demo_policy; `--config.model.hf_dir=''` trains one instead), samples 4 candidates for
-each of 300 training questions with real tool calls, scores and repairs them, and writes the SFT
-set, the preference pairs and the stats report (report/); then repairs the same originals again
-with a repairer that sees only the question (the authors' code; sft_question.jsonl, report_question/).
+Stage 1: builds the synthetic task world (difficulty levels 1 and 2), imports the shipped
+warm-started ~4.5M-parameter policy (assets/demo_policy) and the repairer fine-tuned from it
+(assets/demo_repairer; `--config.model.hf_dir='' --config.repairer.hf_dir=''` trains a policy
+instead and lets it repair), samples 4 candidates for each of 250 training questions with real tool
+calls, scores and repairs them, and writes the SFT set, the preference pairs and the stats report
+(report/); then repairs the same originals again with the repairer seeing only the question (the
+authors' code; sft_question.jsonl, report_question/).
 Stage 2: evaluates the base policy, SFT on high-quality only, AutoTraj SFT (high-quality + repaired),
 the same SFT with the question-only repairs, trains the Bradley-Terry RM on the pairs, runs GRPO
 with outcome + format rewards and with outcome + format + RM from the AutoTraj SFT policy, evaluates
-each on held-out test questions and writes results.json, results.md and plots/. Measured runtime on
-a quiet 2-core CPU from an empty compile cache: 20 minutes (generation 2.1, repair 2.4, question-only
-repair 0.9, each evaluation 0.4-0.5, each SFT 1.6-1.8, the RM 2.0, each GRPO variant 2.5). Expected result: the table of
-`results.rows` in results.md (figures of runs are in the README).
+each on 400 held-out test questions and writes results.json, results.md and plots/. Measured runtime
+on a quiet 2-core CPU from an empty compile cache: 21 minutes (generation 2.1, repair 1.7,
+question-only repair 0.9, each evaluation 0.9-1.0, each SFT 1.2-1.3, the RM 1.9, each GRPO variant
+2.3-2.5). Expected result: the table of `results.rows` in results.md (figures of runs are in the
+README).
 """
 
 import os
