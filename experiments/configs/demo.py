@@ -30,8 +30,8 @@ def get_config():
   c = base_config()
   c.stages = STAGE1 + STAGE2
   c.repairer.update(hf_dir=DEMO_REPAIRER, name="demo-repairer")
-  # Sized to run in about 20 minutes on 2 CPU cores: 250 stage-1 questions, the ~70 low-quality
-  # originals and wrong ones round-robin over questions up to 200 (all ~900: ~10 min), 40 SFT and RM
+  # Sized for about 21 minutes on 2 CPU cores: 250 stage-1 questions, the ~60 low-quality originals
+  # and then wrong ones round-robin over questions up to 200 (all ~940: ~10 min more), 40 SFT and RM
   # steps, 16 RL steps.
   c.generate.num_queries = c.rl.max_questions = 250  # RL draws from the stage-1 questions
   c.repair.max_originals = 200

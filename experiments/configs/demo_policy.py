@@ -10,7 +10,7 @@ on 19000 training tasks disjoint from the demo's stage-1 questions (4000 steps x
 evaluates it greedily on the held-out test tasks and writes bf16 safetensors + tokenizer to
 `--config.export_dir` (default: assets/demo_policy). Expected runtime on a 2-core CPU: about 2.3
 hours; the same command resumes an interrupted run from its last checkpoint (every 100 steps).
-Expected result: pass@1 about 0.11 on the 400 test questions, about 0.18 at level 1 and 0.05 at
+Expected result: pass@1 about 0.11 on the 400 test questions, about 0.18 at level 1 and 0.04 at
 level 2 (eval/base.md).
 """
 
