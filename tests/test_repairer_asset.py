@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from autotraj_jax.pipeline.config import DEMO_POLICY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,21 +51,12 @@ def test_repairer_hf_dir_is_imported_next_to_the_policy(tmp_path):
   assert cfgs["repairer"].hidden_size == cfgs["policy"].hidden_size  # both the shipped demo policy here
 
 
-def test_a_repairer_with_another_tokenizer_is_refused_before_training(tmp_path):
+@pytest.mark.parametrize("field", ["repairer.hf_dir", "warmstart.init_from"])
+def test_a_checkpoint_with_another_tokenizer_is_refused_before_training(tmp_path, field):
   wd = tmp_path / "wd"
   proc = main("--config", os.path.join(CONFIGS, "smoke.py"), f"--config.workdir={wd}",
               "--config.stages=world,tokenizer,warmstart", "--config.model.hf_dir=",
-              "--config.tokenizer.vocab_size=600", f"--config.repairer.hf_dir={DEMO_POLICY}", *TINY_WORLD)
+              "--config.tokenizer.vocab_size=600", f"--config.{field}={DEMO_POLICY}", *TINY_WORLD)
   assert proc.returncode != 0
   assert "tokenizer.json differs from the policy's" in proc.stderr
   assert not (wd / "policy" / "checkpoints").exists()  # refused before any training
-
-
-def test_warmstart_init_from_another_tokenizer_is_refused_before_training(tmp_path):
-  wd = tmp_path / "wd"
-  proc = main("--config", os.path.join(CONFIGS, "smoke.py"), f"--config.workdir={wd}",
-              "--config.stages=world,tokenizer,warmstart", "--config.model.hf_dir=",
-              "--config.tokenizer.vocab_size=600", f"--config.warmstart.init_from={DEMO_POLICY}", *TINY_WORLD)
-  assert proc.returncode != 0
-  assert "tokenizer.json differs from the policy's" in proc.stderr
-  assert not (wd / "policy" / "checkpoints").exists()

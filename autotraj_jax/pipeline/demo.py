@@ -119,22 +119,27 @@ def warmstart_stage(config, wd: Workdir) -> None:
 def _import_hf(config, wd: Workdir, hf_dir: str, name: str, same_tokenizer_as: str | None = None) -> None:
   """An HF checkpoint's weights as workdir model `name` (what later stages load by name)."""
   from autotraj_jax.checkpoint import save_model
-  from autotraj_jax.models.hf import load_hf
   if same_tokenizer_as is not None:
     _check_same_tokenizer(hf_dir, same_tokenizer_as, name)
-  cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype=config.model.param_dtype)
-  cfg = cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk)  # kept by later stages
+  cfg, kind, params = _load_hf(config, hf_dir, config.model.param_dtype)
   save_model(wd.model_dir(name), params, cfg, kind=kind, extra_meta={"source": hf_dir})
 
 
 def _load_hf_checked(config, wd: Workdir, hf_dir: str, name: str):
   """(config, params) of a causal LM at hf_dir that shares the workdir's tokenizer, in fp32 for training."""
-  from autotraj_jax.models.hf import load_hf
   _check_same_tokenizer(hf_dir, builders.tokenizer_dir(config, wd), name)
-  cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype="float32")
+  cfg, kind, params = _load_hf(config, hf_dir, "float32")
   if kind != "causal_lm":
     raise ValueError(f"warmstart.init_from={hf_dir} is a {kind} checkpoint, not a causal LM")
-  return cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk), params
+  return cfg, params
+
+
+def _load_hf(config, hf_dir: str, dtype: str):
+  """(config, kind, params) of an HF checkpoint on the run's mesh, with the run's remat and logits
+  chunking (which later stages keep)."""
+  from autotraj_jax.models.hf import load_hf
+  cfg, kind, params = load_hf(hf_dir, mesh=builders.make_mesh(config), dtype=dtype)
+  return cfg.replace(remat=config.model.remat, logits_chunk=config.model.logits_chunk), kind, params
 
 
 def _check_same_tokenizer(hf_dir: str, tokenizer_dir: str, name: str) -> None:
