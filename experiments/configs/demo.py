@@ -13,10 +13,10 @@ Stage 2: evaluates the base policy, SFT on high-quality only, AutoTraj SFT (high
 the same SFT with the question-only repairs, trains the Bradley-Terry RM on the pairs, runs GRPO
 with outcome + format rewards and with outcome + format + RM from the AutoTraj SFT policy, evaluates
 each on 400 held-out test questions and writes results.json, results.md and plots/. Measured runtime
-on a quiet 2-core CPU from an empty compile cache: 21 minutes (generation 2.1, repair 1.7,
-question-only repair 0.9, each evaluation 0.9-1.0, each SFT 1.2-1.3, the RM 1.9, each GRPO variant
-2.3-2.5). Expected result: the table of `results.rows` in results.md (figures of runs are in the
-README).
+on a quiet 2-core CPU from an empty compile cache: 20 minutes (generation 2.4, repair 1.8,
+question-only repair 1.0, each evaluation 0.7-1.1, each SFT 0.7-0.8, the RM 2.0, each GRPO variant
+2.4-2.5). The SFT and GRPO settings were chosen on validation questions (demo_tune.py).
+Expected result: the table of `results.rows` in results.md (figures of runs are in the README).
 """
 
 import os
