@@ -7,8 +7,9 @@ validation questions: the base policy; AutoTraj SFT (high + repaired) at the dem
 at each alternative of SFT_SETTINGS; the RM; and GRPO with outcome + format + RM from the demo's
 AutoTraj SFT policy at each of RL_SETTINGS. results.md lists them with paired-bootstrap intervals
 between adjacent rows; each RL run's KL per update and clip fraction are in
-rl_<name>/logs/metrics.jsonl. About 40 minutes on 2 CPU cores. The demo (demo.py) takes the
-setting with the best validation accuracy, then HQ@1, then the fewest format errors.
+rl_<name>/logs/metrics.jsonl. About 40 minutes on 2 CPU cores. The rule for demo.py: the
+setting with the best validation accuracy, then HQ@1, then the fewest format errors (the README
+gives the figures of a run).
 """
 
 import os
