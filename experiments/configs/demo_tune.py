@@ -45,19 +45,20 @@ def get_config():
   c = demo_config()
   c.world.validation = 400
   c.eval.split = "validation"
-  c.eval.max_questions = 400
   rows = [("base policy", "base"), ("AutoTraj SFT, demo setting", "sft_autotraj")]
   stages = [s for s in STAGE1 if not s.endswith(":question")]
   stages += ["eval:base", "sft:autotraj", "eval:sft_autotraj"]
   for setting, fields in SFT_SETTINGS.items():
-    c.sft_variants[_variant(setting)] = dict(data="autotraj", **fields)
-    stages += [f"sft:{_variant(setting)}", f"eval:sft_{_variant(setting)}"]
-    rows.append((f"AutoTraj SFT, {setting}", f"sft_{_variant(setting)}"))
+    name = _variant(setting)
+    c.sft_variants[name] = {**c.sft_variants["autotraj"].to_dict(), **fields}
+    stages += [f"sft:{name}", f"eval:sft_{name}"]
+    rows.append((f"AutoTraj SFT, {setting}", f"sft_{name}"))
   stages.append("rm")
   for setting, fields in RL_SETTINGS.items():
-    c.rl_variants[_variant(setting)] = dict(rewards=dict(weights=dict(rm=0.2)), **fields)
-    stages += [f"rl:{_variant(setting)}", f"eval:rl_{_variant(setting)}"]
-    rows.append((f"AutoTraj RL, {setting}", f"rl_{_variant(setting)}"))
+    name = _variant(setting)
+    c.rl_variants[name] = {**c.rl_variants["autotraj"].to_dict(), **fields}  # the demo's AutoTraj RL rewards
+    stages += [f"rl:{name}", f"eval:rl_{name}"]
+    rows.append((f"AutoTraj RL, {setting}", f"rl_{name}"))
   c.stages = tuple(stages) + ("results",)
   c.results.rows = tuple(rows)
   return c
