@@ -26,7 +26,7 @@ SFT_SETTINGS = {
     "steps40_lr1e-4": dict(steps=40, learning_rate=1e-4),
     "steps80_lr1e-4": dict(steps=80, learning_rate=1e-4),
 }
-# rl.* settings on top of the demo's (4 prompts x 8 samples, 2 minibatches, 16 steps).
+# rl.* settings on top of the demo's (4 prompts x 8 samples, 2 minibatches, 16 steps); lr5e-5 is the demo's own.
 RL_SETTINGS = {
     "lr5e-5": dict(learning_rate=5e-5),
     "lr1e-4": dict(learning_rate=1e-4),
