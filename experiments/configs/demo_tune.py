@@ -41,24 +41,25 @@ def _variant(setting: str) -> str:
   return "tune_" + setting.replace("-", "").replace(".", "")
 
 
+def _add_settings(c, kind: str, settings: dict, label: str) -> tuple[list[str], list[tuple[str, str]]]:
+  """One `kind` variant per setting, on top of the demo's `autotraj` one; its stages and result rows."""
+  variants = c[f"{kind}_variants"]
+  stages, rows = [], []
+  for setting, fields in settings.items():
+    name = _variant(setting)
+    variants[name] = {**variants["autotraj"].to_dict(), **fields}
+    stages += [f"{kind}:{name}", f"eval:{kind}_{name}"]
+    rows.append((f"{label}, {setting}", f"{kind}_{name}"))
+  return stages, rows
+
+
 def get_config():
   c = demo_config()
   c.world.validation = 400
   c.eval.split = "validation"
-  rows = [("base policy", "base"), ("AutoTraj SFT, demo setting", "sft_autotraj")]
-  stages = [s for s in STAGE1 if not s.endswith(":question")]
-  stages += ["eval:base", "sft:autotraj", "eval:sft_autotraj"]
-  for setting, fields in SFT_SETTINGS.items():
-    name = _variant(setting)
-    c.sft_variants[name] = {**c.sft_variants["autotraj"].to_dict(), **fields}
-    stages += [f"sft:{name}", f"eval:sft_{name}"]
-    rows.append((f"AutoTraj SFT, {setting}", f"sft_{name}"))
-  stages.append("rm")
-  for setting, fields in RL_SETTINGS.items():
-    name = _variant(setting)
-    c.rl_variants[name] = {**c.rl_variants["autotraj"].to_dict(), **fields}  # the demo's AutoTraj RL rewards
-    stages += [f"rl:{name}", f"eval:rl_{name}"]
-    rows.append((f"AutoTraj RL, {setting}", f"rl_{name}"))
-  c.stages = tuple(stages) + ("results",)
-  c.results.rows = tuple(rows)
+  sft_stages, sft_rows = _add_settings(c, "sft", SFT_SETTINGS, "AutoTraj SFT")
+  rl_stages, rl_rows = _add_settings(c, "rl", RL_SETTINGS, "AutoTraj RL")  # the demo's AutoTraj RL rewards
+  c.stages = (tuple(s for s in STAGE1 if not s.endswith(":question"))
+              + ("eval:base", "sft:autotraj", "eval:sft_autotraj", *sft_stages, "rm", *rl_stages, "results"))
+  c.results.rows = (("base policy", "base"), ("AutoTraj SFT, demo setting", "sft_autotraj"), *sft_rows, *rl_rows)
   return c
