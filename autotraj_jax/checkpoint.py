@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from autotraj_jax import sharding as shd
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.models.config import ModelConfig
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -178,7 +179,7 @@ def save_model(directory: str | os.PathLike, params: Any, cfg: ModelConfig, *, k
   ckpt.save(step, params=params, meta=meta, force=True)
   ckpt.wait()
   ckpt.close()
-  if tokenizer_dir is not None:
+  if tokenizer_dir is not None and is_primary():
     dst = epath.Path(directory) / TOKENIZER_SUBDIR
     shutil.copytree(tokenizer_dir, dst, dirs_exist_ok=True)
 

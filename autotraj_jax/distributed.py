@@ -1,4 +1,10 @@
-"""Multi-host start-up: one call, before anything touches a device, that joins this process to the run.
+"""Multi-host start-up, and the two rules every process follows afterwards.
+
+`initialize` joins this process to the run, before anything touches a device. Afterwards every
+process runs the same program on the same inputs (SPMD): `is_primary` says whether this one writes
+the shared outputs (process 0 does; the work directory is on a file system all hosts see), and
+`from_primary` hands every process process 0's copy of what only one process should compute
+(tool results, a server's answers), so no host can drift from the others.
 
 TPU pods, Slurm/MPI/Kubernetes GPU hosts: JAX finds the coordinator, the process count and this
 process's id itself. Anywhere else (several processes on CPU hosts, a test on localhost) the
@@ -9,7 +15,10 @@ JAX_PROCESS_ID and optionally JAX_LOCAL_DEVICE_IDS (comma-separated, GPU only).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import pickle
+from typing import Mapping, TypeVar
+
+T = TypeVar("T")
 
 COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -55,3 +64,26 @@ def initialize(env: Mapping[str, str] | None = None) -> None:
   own cluster detection (TPU pods, Slurm, MPI, Kubernetes). Call once, before the first device use."""
   import jax
   jax.distributed.initialize(**init_args(env))
+
+
+def is_primary() -> bool:
+  """True on process 0, and in a single-process run (never starts a JAX backend there)."""
+  import jax
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def from_primary(value: T) -> T:
+  """Process 0's `value` on every process (pickled and broadcast; the others pass anything, e.g.
+  None). A collective: every process must call it, in the same order."""
+  import jax
+  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+    return value
+  import numpy as np
+  from jax.experimental import multihost_utils
+  primary = jax.process_index() == 0
+  data = np.frombuffer(pickle.dumps(value), np.uint8) if primary else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+  buf = np.zeros(size, np.uint8)
+  buf[:data.size] = data
+  got = multihost_utils.broadcast_one_to_all(buf)
+  return value if primary else pickle.loads(np.asarray(got).tobytes())

@@ -58,8 +58,8 @@ class MetricWriter:
       raise ValueError(f"start_step must be a non-negative int or None, got {start_step!r}")
     self.logdir = str(logdir)
     if enabled is None:
-      import jax
-      enabled = jax.process_index() == 0
+      from autotraj_jax.distributed import is_primary
+      enabled = is_primary()
     self.enabled = bool(enabled)
     self._jsonl = self._tb = None
     if not self.enabled:

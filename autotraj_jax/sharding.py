@@ -148,3 +148,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def shard_params(params: Any, mesh: Mesh) -> Any:
   return jax.device_put(params, param_shardings(params, mesh))
+
+
+def to_host(tree: Any) -> Any:
+  """Every array leaf of `tree` as numpy, whole, on every process.
+
+  On several hosts an array split over other processes' devices cannot be read locally; it is
+  all-gathered first. That is a collective: every process must call this with the same tree.
+  """
+  def whole(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return multihost_utils.process_allgather(x, tiled=True)
+    return x
+  return jax.device_get(jax.tree.map(whole, tree))

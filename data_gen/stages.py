@@ -17,6 +17,7 @@ import os
 from tqdm.auto import tqdm
 
 from autotraj_jax import scoring
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.pipeline import builders
 from autotraj_jax.pipeline.config import ConfigError
 from autotraj_jax.pipeline.runner import Stage
@@ -49,7 +50,7 @@ def generate_stage(config, wd: Workdir) -> None:
   try:
     with records.JsonlAppender(out) as w, \
         tqdm(total=len(queries) * node.samples_per_query, initial=len(done) * node.samples_per_query,
-             desc="generate", unit="traj", dynamic_ncols=True) as bar:
+             desc="generate", unit="traj", dynamic_ncols=True, disable=not is_primary()) as bar:
       for i in range(0, len(todo), node.chunk_queries):
         chunk = todo[i:i + node.chunk_queries]
         trajs = run_rollouts(backend, tokenizer, chunk, tools, rcfg, samples_per_query=node.samples_per_query,
@@ -95,7 +96,8 @@ def repair_stage(config, wd: Workdir, variant: str = "") -> None:
   score_cfg = builders.scoring_config(config)
   try:
     with records.JsonlAppender(out) as w, \
-        tqdm(total=len(todo_all), initial=len(done), desc=stage, unit="orig", dynamic_ncols=True) as bar:
+        tqdm(total=len(todo_all), initial=len(done), desc=stage, unit="orig", dynamic_ncols=True,
+             disable=not is_primary()) as bar:
       for i in range(0, len(todo), node.chunk):
         for outcome in repair(backend, tokenizer, tools, todo[i:i + node.chunk], score_cfg, rcfg,
                               model_name=config.repairer.name):
@@ -132,12 +134,13 @@ STAGES: dict[str, Stage] = {
         inputs=lambda c, v: ("policy/checkpoints", f"world/{c.generate.split}.jsonl"),
         outputs=lambda c, v: ("candidates.jsonl",)),
     "score": Stage(score_stage, reads=lambda c, v: ("scoring",), inputs=lambda c, v: ("candidates.jsonl",),
-                   outputs=lambda c, v: ("scored.jsonl",)),
+                   outputs=lambda c, v: ("scored.jsonl",), host_only=True),
     "repair": Stage(
         repair_stage, reads=lambda c, v: ("repair", *((f"repair_variants.{v}",) if v else ()), "repairer", "scoring",
                                           *_SERVING),
         inputs=lambda c, v: ("scored.jsonl",), outputs=lambda c, v: (named("repairs", v),)),
     "datasets": Stage(
         datasets_stage, inputs=lambda c, v: ("scored.jsonl", named("repairs", v)),
-        outputs=lambda c, v: (named("sft", v), named("pairs", v), named("hard_cases", v), named("report", v, ""))),
+        outputs=lambda c, v: (named("sft", v), named("pairs", v), named("hard_cases", v), named("report", v, "")),
+        host_only=True),
 }

@@ -117,10 +117,11 @@ def run(config) -> None:
   if config.compilation_cache_dir:  # reruns and later stages reuse compiled buckets
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  from autotraj_jax.distributed import is_primary
   from autotraj_jax.pipeline.runner import run_stages
   t0 = time.time()
   wd, results = run_stages(config, stage_table())
-  if jax.process_index() == 0:
+  if is_primary():
     print(f"\nthis run, {time.time() - t0:.0f}s in all:")
     for r in results:
       print(f"  {r.name:<24} {r.status}" + (f" in {r.wall_s:.1f}s" if r.status == "ran" else ""))

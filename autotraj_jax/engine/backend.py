@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
+from autotraj_jax.distributed import from_primary, is_primary
+
 FinishReason = Literal["stop", "eos", "length", "prompt_too_long"]
 # A request whose prompt the backend cannot take: answered with no tokens so that one long
 # prompt ends its own trajectory instead of the whole batch.
@@ -88,6 +90,17 @@ class LLMBackend(Protocol):
   def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
     """One completion per request, in request order."""
     ...
+
+
+def generate_on_all_hosts(backend: LLMBackend, requests: Sequence[GenerationRequest]) -> list[Completion]:
+  """`backend.generate` in a run of one or several processes, each sending the same requests.
+
+  A backend whose model every process holds a part of (the JAX engine: `collective = True`) is
+  called by every process. Any other (a server) is called by process 0 alone, whose completions
+  every process then gets: the server sees each request once and no host's sample can differ."""
+  if getattr(backend, "collective", False):
+    return backend.generate(requests)
+  return from_primary(backend.generate(requests) if is_primary() else None)
 
 
 def release_contexts(backend: LLMBackend, contexts: Sequence[Sequence[int]]) -> None:

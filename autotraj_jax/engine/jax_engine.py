@@ -117,7 +117,10 @@ class _Plan:
 
 
 class JaxEngine:
-  """`LLMBackend` over a Flax `CausalLM` held in this process."""
+  """`LLMBackend` over a Flax `CausalLM` held in this process (on several hosts: its part of it,
+  so every process calls `generate` with the same requests; `to_host` gathers what they read)."""
+
+  collective = True
 
   def __init__(self, graphdef: nnx.GraphDef, params: Any, model_cfg: ModelConfig, tokenizer, *,
                mesh: Mesh | None = None, config: EngineConfig = EngineConfig()):
@@ -447,10 +450,10 @@ class JaxEngine:
       state = self._decode(self.params, state, const)
       if not any_stop_strings:
         break  # one chunk ran to the end or until every row stopped
-      t, done_h = jax.device_get((state["t"], state["done"]))
+      t, done_h = shd.to_host((state["t"], state["done"]))
       done_h = np.array(done_h)
       # Host-side check for stop strings the device did not see.
-      toks_h, lens_h = jax.device_get((state["tokens"], state["length"]))
+      toks_h, lens_h = shd.to_host((state["tokens"], state["length"]))
       for b, r in enumerate(reqs):
         if r.stop and not done_h[b] and b not in host_stop:
           cut = self._stop_cut(toks_h[b, :lens_h[b]].tolist(), r.stop)
@@ -461,7 +464,7 @@ class JaxEngine:
         state["done"] = jax.device_put(done_h)
       if done_h.all() or int(t) >= T:
         break
-    toks_h, lps_h, lens_h = jax.device_get((state["tokens"], state["logprobs"], state["length"]))
+    toks_h, lps_h, lens_h = shd.to_host((state["tokens"], state["logprobs"], state["length"]))
     outs = [self._finish(r, toks_h[b, :lens_h[b]].tolist(), lps_h[b, :lens_h[b]].tolist(), host_stop.get(b))
             for b, r in enumerate(reqs)]
     if self._index is not None:

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 
 from autotraj_jax import sharding as shd
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.models import build
 from autotraj_jax.models.config import ModelConfig
 
@@ -457,7 +458,7 @@ def copy_sidecar_files(src: PathLike, dst: PathLike) -> list[str]:
 
 def _host(x: Any) -> np.ndarray:
   """One full tensor on host (gathered from its shards)."""
-  return np.asarray(jax.device_get(x))
+  return np.asarray(shd.to_host(x))
 
 
 def save_hf(out_dir: PathLike, params: dict, cfg: ModelConfig, *, kind: str = "causal_lm",
@@ -498,12 +499,16 @@ def save_hf(out_dir: PathLike, params: dict, cfg: ModelConfig, *, kind: str = "c
     shards[-1].append(e)
     size += n
 
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  if not is_primary():  # process 0 writes; the others only took part in gathering the tensors
+    for e in entries:
+      e[3]()
+    return names
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
     stale.unlink(missing_ok=True)
-  names = ([SINGLE_FILE] if len(shards) == 1 else
-           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   for name, shard in zip(names, shards):
     _write_safetensors(out / name, shard)
   if len(shards) > 1:

@@ -18,6 +18,7 @@ import os
 
 import jax
 
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.pipeline import builders
 from autotraj_jax.pipeline.workdir import Workdir
 
@@ -96,8 +97,9 @@ def warmstart_stage(config, wd: Workdir) -> None:
         repair_flaws=tuple(node.repair_flaws))
   finally:
     getattr(code, "close", lambda: None)()
-  with open(wd.path(node.name, "warmstart_data.json"), "w") as f:
-    json.dump(counts, f, indent=2)
+  if is_primary():
+    with open(wd.path(node.name, "warmstart_data.json"), "w") as f:
+      json.dump(counts, f, indent=2)
   log.info("warmstart examples: %s", counts)
   if node.init_from:
     model_cfg, params = _load_hf_checked(config, wd, node.init_from, node.name)
@@ -158,6 +160,7 @@ def export_policy_stage(config, wd: Workdir) -> None:
   params = jax.tree.map(lambda x: x.astype("bfloat16"), params)
   save_hf(config.export_dir, params, cfg.replace(param_dtype="bfloat16", dtype="float32"), kind=kind,
           tokenizer_dir=wd.path("tokenizer"))
-  with open(os.path.join(config.export_dir, "provenance.json"), "w") as f:
-    json.dump({"world": config.world.to_dict(), "warmstart": config.warmstart.to_dict(),
-               "model": config.model.to_dict(), "seed": config.seed}, f, indent=2)
+  if is_primary():
+    with open(os.path.join(config.export_dir, "provenance.json"), "w") as f:
+      json.dump({"world": config.world.to_dict(), "warmstart": config.warmstart.to_dict(),
+                 "model": config.model.to_dict(), "seed": config.seed}, f, indent=2)

@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.pipeline.builders import (
   close_tools,
   from_node,
@@ -136,10 +137,10 @@ def build_run(config, wd: Workdir, variant: str, node, lcfg: LearnerConfig, rcfg
   queries = load_split(config, wd, node.split, node.max_questions or None)
   train, critic_train = learner_train_configs(node, seed=config.seed, pad_id=pad_id)
   init_dir = wd.model_dir(node.init)
-  model_cfg, kind, params = checkpoint.load_model(init_dir)
+  mesh = make_mesh(config)
+  model_cfg, kind, params = checkpoint.load_model(init_dir, mesh=mesh)
   if kind != "causal_lm":
     raise ValueError(f"rl.init={node.init!r} is a {kind!r} model, expected a causal LM")
-  mesh = make_mesh(config)
   learner = Learner(lcfg, model_config=model_cfg, params=params, mesh=mesh, workdir=wd.path(f"rl_{variant}"),
                     train=train, critic_train=critic_train, pad_id=pad_id, meta={"init": node.init})
   rm_fn = None
@@ -201,7 +202,7 @@ def rl_stage(config, wd: Workdir, variant: str) -> None:
     begin = start or 0
     writer = MetricWriter(wd.path(name, "logs"), start_step=begin)
     bar = tqdm(total=node.steps, initial=begin, desc=f"rl:{variant}", unit="step", dynamic_ncols=True,
-               disable=jax.process_index() != 0)
+               disable=not is_primary())
     for step in range(begin, node.steps):
       metrics = rl_step(run, step)
       writer.write(step + 1, metrics)

@@ -23,9 +23,9 @@ import os
 import random
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.pipeline import builders
 from autotraj_jax.pipeline.workdir import Workdir
 from autotraj_jax.tir.records import write_json
@@ -95,7 +95,8 @@ def _train(config, wd: Workdir, node, tokenizer, train_ex: list[dict[str, Any]],
   from autotraj_jax.training.trainer import Trainer
 
   out_dir = os.path.join(wd.root, "rm")
-  model_cfg, params = init_rm_params(wd.model_dir(node.init), config.seed)
+  mesh = builders.make_mesh(config)
+  model_cfg, params = init_rm_params(wd.model_dir(node.init), config.seed, mesh=mesh)
   graphdef, _ = abstract_model(model_cfg, "scalar")
   lora_cfg = builders.from_node(lora_lib.LoraConfig, node.lora, full=("score",))
   lora = lora_lib.setup(params, make_rm_loss(graphdef, center_coef=node.center_coef), lora_cfg, config.seed)
@@ -112,7 +113,7 @@ def _train(config, wd: Workdir, node, tokenizer, train_ex: list[dict[str, Any]],
           "center_coef": float(node.center_coef), "margins": {"low": node.margin_low, "wrong": node.margin_wrong}}
   steps = builders.train_steps(node, len(train_ex))
   trainer = Trainer(builders.train_config(node, seed=config.seed, pad_id=pad_id, steps=steps), loss_fn=lora.loss_fn,
-                    params=lora.params, mesh=builders.make_mesh(config),
+                    params=lora.params, mesh=mesh,
                     workdir=os.path.join(out_dir, "train") if lora.cfg.enabled else out_dir, meta=meta,
                     eval_fn=eval_fn if held_scores else None, eval_every=node.eval_every or steps,
                     collate_fn=collate_pairs, packer=PAIRS, optimizer_wrapper=lora.optimizer_wrapper, desc="rm")
@@ -123,7 +124,7 @@ def _train(config, wd: Workdir, node, tokenizer, train_ex: list[dict[str, Any]],
   params = lora.merged(state.params)
   if lora.cfg.enabled:  # the scorer and later stages load a plain scalar model
     from autotraj_jax.checkpoint import save_model
-    save_model(wd.model_dir("rm"), jax.device_get(params), model_cfg, kind="scalar", step=int(state.step),
+    save_model(wd.model_dir("rm"), params, model_cfg, kind="scalar", step=int(state.step),
                extra_meta={k: v for k, v in meta.items() if k not in ("model_config", "model_kind")})
   return graphdef, params, model_cfg, int(state.step), held_scores
 
@@ -177,7 +178,8 @@ def rm_stage(config, wd: Workdir) -> None:
   samples = sample_by_quality(candidates, node.max_score_samples, config.seed)
   scores = {q: scorer(ts) if ts else [] for q, ts in samples.items()}
   result["scores"] = {q: score_stats(s) for q, s in scores.items()}
-  plot_scores(scores, os.path.join(out_dir, "scores.png"))
+  if is_primary():
+    plot_scores(scores, os.path.join(out_dir, "scores.png"))
 
   token_ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
   hf.save_hf(os.path.join(out_dir, "hf"), params, model_cfg, kind="scalar",

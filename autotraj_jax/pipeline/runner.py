@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.pipeline.workdir import Workdir
 from autotraj_jax.tir.records import write_json
 
@@ -43,6 +44,7 @@ class Stage:
   inputs: DepsFn = lambda config, variant: ()     # workdir-relative files or dirs it reads
   outputs: DepsFn = lambda config, variant: ()    # workdir-relative paths `redo` removes
   always: bool = False                            # cheap summaries: rerun every time
+  host_only: bool = False                         # no device work: on several hosts process 0 runs it alone
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -135,11 +137,6 @@ def _remove(path: str) -> None:
     os.remove(path)
 
 
-def _is_main() -> bool:
-  import jax
-  return jax.process_index() == 0
-
-
 def _sync(tag: str) -> None:
   """A barrier across hosts (nothing on one host)."""
   import jax
@@ -166,10 +163,10 @@ def run_stages(config: ml_collections.ConfigDict, stages: Mapping[str, Stage]) -
       log.info("redo: forgetting stage %s and its outputs", name)
       wd.undo(name)
       for rel in stages[kind].outputs(config, variant):
-        if _is_main():
+        if is_primary():
           _remove(os.path.join(wd.root, rel))
     _sync("redo")
-  if _is_main():
+  if is_primary():
     write_json(wd.path("config.json"), json.loads(config.to_json_best_effort()))
   results = []
   for name in order:
@@ -188,9 +185,10 @@ def run_stages(config: ml_collections.ConfigDict, stages: Mapping[str, Stage]) -
     log.info("stage %s: running", name)
     fp = fingerprint(stage, config, wd, variant)
     t0 = time.time()
-    stage.fn(config, wd, variant) if variant else stage.fn(config, wd)
+    if is_primary() or not stage.host_only:
+      stage.fn(config, wd, variant) if variant else stage.fn(config, wd)
     wall = round(time.time() - t0, 2)
-    if _is_main():
+    if is_primary():
       wd.mark_done(name, {"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "fingerprint": fp})
     _sync(f"stage {name}")  # no host reads a half-written marker
     log.info("stage %s: done in %.1fs", name, wall)

@@ -115,7 +115,8 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
   held_examples = sft_examples(held, tokenizer.eos_token_id, mask_tool_results=True)
 
   init_dir = wd.model_dir(node.init)
-  model_cfg, kind, params = checkpoint.load_model(init_dir)
+  mesh = builders.make_mesh(config)
+  model_cfg, kind, params = checkpoint.load_model(init_dir, mesh=mesh)
   graphdef, _ = abstract_model(model_cfg, kind)
   pad_id = tokenizer.pad_token_id or 0
   lora = lora_lib.setup(params, make_sft_loss(graphdef), builders.from_node(lora_lib.LoraConfig, node.lora),
@@ -144,7 +145,7 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
           "mask_tool_results": bool(node.mask_tool_results), "lora": lora.cfg.to_dict()}
   out_dir = wd.path(name)
   trainer = Trainer(builders.train_config(node, seed=config.seed, pad_id=pad_id, steps=steps), loss_fn=lora.loss_fn,
-                    params=lora.params, mesh=builders.make_mesh(config),
+                    params=lora.params, mesh=mesh,
                     workdir=os.path.join(out_dir, "train") if lora.cfg.enabled else out_dir, meta=meta,
                     eval_fn=eval_fn, eval_every=node.eval_every or steps,
                     optimizer_wrapper=lora.optimizer_wrapper, desc=f"sft:{variant}")
@@ -155,5 +156,5 @@ def sft_stage(config, wd: Workdir, variant: str) -> None:
     builders.close_tools(tools)
   if lora.cfg.enabled:  # later stages load a plain model: merge the adapters into the weights
     extra = {k: v for k, v in meta.items() if k not in ("model_config", "model_kind")}
-    checkpoint.save_model(wd.model_dir(name), jax.device_get(lora.merged(state.params)),
+    checkpoint.save_model(wd.model_dir(name), lora.merged(state.params),
                           model_cfg, kind=kind, step=int(state.step), extra_meta=extra)

@@ -24,9 +24,9 @@ def _trained(kind: str):
 
 
 STAGES: dict[str, Stage] = {
-    "world": Stage(demo.world_stage, reads=lambda c, v: ("world",), outputs=lambda c, v: ("world",)),
+    "world": Stage(demo.world_stage, reads=lambda c, v: ("world",), outputs=lambda c, v: ("world",), host_only=True),
     "tokenizer": Stage(demo.tokenizer_stage, reads=lambda c, v: ("tokenizer", "model.hf_dir"),
-                       inputs=lambda c, v: ("world",), outputs=lambda c, v: ("tokenizer",)),
+                       inputs=lambda c, v: ("world",), outputs=lambda c, v: ("tokenizer",), host_only=True),
     "warmstart": Stage(demo.warmstart_stage,
                        reads=lambda c, v: ("warmstart", "model", "repairer.hf_dir", "generate.num_queries", "mesh",
                                            "seed"),
@@ -49,5 +49,5 @@ STAGES: dict[str, Stage] = {
                 inputs=lambda c, v: ("pairs.jsonl", *_trained("rm")(c, v)), outputs=lambda c, v: ("rm",)),
     "rl": Stage(rl.rl_stage, reads=lambda c, v: ("rl", f"rl_variants.{v}", *_SERVING),
                 inputs=lambda c, v: _trained("rl")(c, v), outputs=lambda c, v: (f"rl_{v}",)),
-    "results": Stage(results.results_stage, reads=lambda c, v: ("results",), always=True),
+    "results": Stage(results.results_stage, reads=lambda c, v: ("results",), always=True, host_only=True),
 }

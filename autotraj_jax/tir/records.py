@@ -9,7 +9,9 @@ through `JsonlAppender` or `write_jsonl`, and every one is read through `iter_re
   checks below (`field`, `is_int`, `list_of`, ...) let each record type's `from_dict` name the
   field's path too (`segments[1].token_ids[3]`);
 - whole-file outputs (`write_jsonl`, `write_json`) are written to a temporary file and renamed,
-  so a reader sees the old file or the new one, never half of one.
+  so a reader sees the old file or the new one, never half of one;
+- on several hosts only process 0 writes (every process computes the same records), so a shared
+  work directory gets each record once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from autotraj_jax.distributed import is_primary
 
 T = TypeVar("T")
 
@@ -197,11 +201,16 @@ class JsonlAppender:
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
+    self._f = None
+    if not is_primary():
+      return
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     _drop_partial_last_line(self.path)
     self._f = open(self.path, "a", encoding="utf-8")
 
   def write(self, record: Any) -> None:
+    if self._f is None:
+      return
     self._f.write(_line(record) + "\n")
     self._f.flush()
 
@@ -210,6 +219,8 @@ class JsonlAppender:
       self.write(r)
 
   def close(self) -> None:
+    if self._f is None:
+      return
     self._f.flush()
     os.fsync(self._f.fileno())
     self._f.close()
@@ -224,6 +235,8 @@ class JsonlAppender:
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
   """Replaces `path` with `records`, atomically; returns how many were written."""
   path = os.fspath(path)
+  if not is_primary():
+    return sum(1 for _ in records)
   tmp = path + ".tmp"
   if os.path.exists(tmp):
     os.remove(tmp)
@@ -239,6 +252,8 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
   """Replaces `path` with `obj` as JSON, atomically (and durably: fsynced before the rename)."""
   path = os.fspath(path)
+  if not is_primary():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:

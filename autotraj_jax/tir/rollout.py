@@ -18,7 +18,15 @@ from typing import Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from autotraj_jax.engine.backend import PROMPT_TOO_LONG, GenerationRequest, LLMBackend, SamplingParams, release_contexts
+from autotraj_jax.distributed import from_primary, is_primary
+from autotraj_jax.engine.backend import (
+  PROMPT_TOO_LONG,
+  GenerationRequest,
+  LLMBackend,
+  SamplingParams,
+  generate_on_all_hosts,
+  release_contexts,
+)
 from autotraj_jax.questions import Query  # re-exported: rollouts take questions as loaded
 from autotraj_jax.tir import prompts
 from autotraj_jax.tir.format import extract_answer
@@ -85,15 +93,16 @@ def run_rollouts(backend: LLMBackend, tokenizer, queries: Sequence[Query], tools
   stops = prompts.stop_strings(list(tools))
   live = _start(tokenizer, queries, samples_per_query, id_prefix, system_prompt, provenance, prompt_builder)
   finished: list[Trajectory] = [s.traj for s in live]
-  bar = tqdm(total=len(live), desc=progress if isinstance(progress, str) else "rollout", disable=not progress,
-             dynamic_ncols=True, unit="traj")
+  bar = tqdm(total=len(live), desc=progress if isinstance(progress, str) else "rollout",
+             disable=not progress or not is_primary(), dynamic_ncols=True, unit="traj")
   pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.tool_workers))
   too_long: list[tuple[str, int]] = []
   try:
     while live:
-      completions = backend.generate([_request(s, cfg, stops) for s in live])
+      completions = generate_on_all_hosts(backend, [_request(s, cfg, stops) for s in live])
       pending, still = _advance(live, completions, cfg, too_long)
-      results = pool.map(lambda job: _call(tools, cfg, *job), pending)
+      # Process 0 runs the tools and the other hosts take its results, so no host drifts.
+      results = from_primary(list(pool.map(lambda job: _call(tools, cfg, *job), pending)) if is_primary() else None)
       for (s, tool, text), result in zip(pending, results):
         if _insert_result(s, tool, text, result, tokenizer, cfg):
           still.append(s)

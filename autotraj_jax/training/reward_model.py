@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from autotraj_jax.models.decoder import causal_mask, gather_last
 from autotraj_jax.tir import prompts
@@ -213,15 +214,16 @@ def make_rm_loss(graphdef: nnx.GraphDef, *, center_coef: float = 0.0):
   return loss_fn
 
 
-def init_rm_params(policy_ckpt_dir: str | os.PathLike, seed: int) -> tuple[Any, dict]:
-  """(model config, scalar-model params): the checkpoint's transformer and a fresh head.
+def init_rm_params(policy_ckpt_dir: str | os.PathLike, seed: int, mesh: Mesh | None = None) -> tuple[Any, dict]:
+  """(model config, scalar-model params): the checkpoint's transformer (on `mesh`'s shards when
+  given) and a fresh head.
 
   A causal LM keeps `model` (embeddings, blocks, final norm) and drops `lm_head`; the `score`
   head is N(0, 0.02^2), seeded. A scalar checkpoint (an earlier RM) is returned as it is.
   """
   from autotraj_jax import checkpoint
   from autotraj_jax.models import abstract_model
-  cfg, kind, params = checkpoint.load_model(policy_ckpt_dir)
+  cfg, kind, params = checkpoint.load_model(policy_ckpt_dir, mesh=mesh)
   if kind == "scalar":
     return cfg, params
   if kind != "causal_lm":

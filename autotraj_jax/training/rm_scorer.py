@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from autotraj_jax import sharding as shd
 from autotraj_jax.models.decoder import gather_last
 from autotraj_jax.tir.trajectory import Trajectory
 from autotraj_jax.training import data as data_lib
@@ -49,7 +50,7 @@ def make_pair_eval(graphdef: nnx.GraphDef, examples: Sequence[Mapping[str, Any]]
   def scores(params) -> tuple[np.ndarray, np.ndarray]:
     rc, rr = [], []
     for batch, n in batches:
-      c, r = jax.device_get(fwd(params, batch))
+      c, r = shd.to_host(fwd(params, batch))
       rc.append(np.asarray(c)[:n])
       rr.append(np.asarray(r)[:n])
     return np.concatenate(rc), np.concatenate(rr)

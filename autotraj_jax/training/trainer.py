@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from autotraj_jax import sharding as shd
 from autotraj_jax.checkpoint import Checkpointer
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.metrics import MetricWriter
 from autotraj_jax.training import data as data_lib
 from autotraj_jax.training import packing
@@ -188,7 +189,7 @@ class Trainer:
 
   def run(self, source: Any) -> TrainState:
     cfg = self.cfg
-    primary = jax.process_index() == 0
+    primary = is_primary()
     pack = dict(packer=self.packer, row_multiple=self.packed_rows(cfg.batch_size), rows_of=self.host_rows) \
         if cfg.pack else dict(rows=self.host_rows())
     ds = data_lib.batch_dataset(source, batch_size=cfg.batch_size, buckets=cfg.buckets,
