@@ -23,7 +23,7 @@ from autotraj_jax.questions import Query
 from autotraj_jax.stats import wilson_interval
 from autotraj_jax.tir.answers import is_equivalent, normalize_math, normalize_qa
 from autotraj_jax.tir.format import validate
-from autotraj_jax.tir.records import write_json, write_jsonl
+from autotraj_jax.tir.records import write_json, write_jsonl, write_text
 from autotraj_jax.tir.rollout import RolloutConfig, run_rollouts
 from autotraj_jax.tir.tools import Tool
 from autotraj_jax.tir.trajectory import Trajectory
@@ -157,12 +157,11 @@ def evaluate(backend, tokenizer, tools: Mapping[str, Tool], queries: Sequence[Qu
 
 
 def write_report(out_dir: str, name: str, metrics: Mapping[str, Any], trajs: Sequence[Trajectory] = ()) -> None:
-  """`<name>.json`, `<name>.md` (a one-row table) and the greedy trajectories as JSONL; the JSON
-  files are replaced atomically, so a killed run never leaves half a report."""
+  """`<name>.json`, `<name>.md` (a one-row table) and the greedy trajectories as JSONL; each file is
+  replaced atomically, so a killed run never leaves half a report."""
   os.makedirs(out_dir, exist_ok=True)
   write_json(os.path.join(out_dir, f"{name}.json"), dict(metrics))
-  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-    f.write(markdown_table([{"run": name, **flat_metrics(metrics)}]))
+  write_text(os.path.join(out_dir, f"{name}.md"), markdown_table([{"run": name, **flat_metrics(metrics)}]))
   if trajs:
     write_jsonl(os.path.join(out_dir, f"{name}.trajectories.jsonl"), trajs)
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from autotraj_jax.distributed import is_primary
 from autotraj_jax.tir.records import RecordError, iter_records, write_jsonl
 
 FILENAME = "metrics.jsonl"
@@ -57,10 +58,7 @@ class MetricWriter:
                                    or start_step < 0):
       raise ValueError(f"start_step must be a non-negative int or None, got {start_step!r}")
     self.logdir = str(logdir)
-    if enabled is None:
-      from autotraj_jax.distributed import is_primary
-      enabled = is_primary()
-    self.enabled = bool(enabled)
+    self.enabled = is_primary() if enabled is None else bool(enabled)
     self._jsonl = self._tb = None
     if not self.enabled:
       return

@@ -16,7 +16,7 @@ import os
 from typing import Any, Iterable, Sequence
 
 from autotraj_jax.scoring import HIGH, LOW, WRONG
-from autotraj_jax.tir.records import write_json
+from autotraj_jax.tir.records import write_json, write_text
 from autotraj_jax.tir.trajectory import PreferencePair, RepairRecord, Trajectory
 
 
@@ -140,6 +140,5 @@ def write_report(out_dir: str, scored: Sequence[Trajectory], summary: dict[str, 
     lines.append(f"| {k} | {v} |")
   lines += ["", "## Score histograms (each class normalised to its own count)", "", "![scores](scores.png)"]
   path = os.path.join(out_dir, "stats.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  write_text(path, "\n".join(lines) + "\n")
   return path

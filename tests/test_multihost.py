@@ -185,6 +185,7 @@ def test_writers_of_other_processes_touch_no_file(tmp_path, monkeypatch):
     w.write({"id": 1})
   assert records.write_jsonl(tmp_path / "b.jsonl", [{"id": 1}, {"id": 2}]) == 2
   records.write_json(tmp_path / "c.json", {"x": 1})
+  records.write_text(tmp_path / "d.md", "| a |\n")
   assert list(tmp_path.iterdir()) == []
   monkeypatch.setattr(records, "is_primary", lambda: True)
   records.write_json(tmp_path / "c.json", {"x": 1})

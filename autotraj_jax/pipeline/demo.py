@@ -12,15 +12,14 @@ with no server and no download.
 from __future__ import annotations
 
 import filecmp
-import json
 import logging
 import os
 
 import jax
 
-from autotraj_jax.distributed import is_primary
 from autotraj_jax.pipeline import builders
 from autotraj_jax.pipeline.workdir import Workdir
+from autotraj_jax.tir import records
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +96,7 @@ def warmstart_stage(config, wd: Workdir) -> None:
         repair_flaws=tuple(node.repair_flaws))
   finally:
     getattr(code, "close", lambda: None)()
-  if is_primary():
-    with open(wd.path(node.name, "warmstart_data.json"), "w") as f:
-      json.dump(counts, f, indent=2)
+  records.write_json(wd.path(node.name, "warmstart_data.json"), counts)
   log.info("warmstart examples: %s", counts)
   if node.init_from:
     model_cfg, params = _load_hf_checked(config, wd, node.init_from, node.name)
@@ -160,7 +157,6 @@ def export_policy_stage(config, wd: Workdir) -> None:
   params = jax.tree.map(lambda x: x.astype("bfloat16"), params)
   save_hf(config.export_dir, params, cfg.replace(param_dtype="bfloat16", dtype="float32"), kind=kind,
           tokenizer_dir=wd.path("tokenizer"))
-  if is_primary():
-    with open(os.path.join(config.export_dir, "provenance.json"), "w") as f:
-      json.dump({"world": config.world.to_dict(), "warmstart": config.warmstart.to_dict(),
-                 "model": config.model.to_dict(), "seed": config.seed}, f, indent=2)
+  records.write_json(os.path.join(config.export_dir, "provenance.json"),
+                     {"world": config.world.to_dict(), "warmstart": config.warmstart.to_dict(),
+                      "model": config.model.to_dict(), "seed": config.seed})

@@ -20,7 +20,6 @@ import os
 from typing import Any, Sequence
 
 from autotraj_jax import scoring
-from autotraj_jax.distributed import is_primary
 from autotraj_jax.eval import accuracy_ci95, interval_text
 from autotraj_jax.pipeline import builders
 from autotraj_jax.pipeline.workdir import Workdir
@@ -124,10 +123,9 @@ def eval_files_stage(config, wd: Workdir, variant: str = "") -> None:
   for r in rows:
     r["pass@1_ci95"] = accuracy_ci95(r["pass@1"], int(r["questions"]))
   records.write_json(os.path.join(out_dir, "results.json"), {"rows": rows})
-  if is_primary():
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-      f.write(f"# Evaluation\n\nGreedy pass@1 with tool calls ({', '.join(config.tools.names) or 'no tools'}) "
-              "and its 95% Wilson interval; one row per question file.\n\n" + markdown_table(file_table(rows)))
+  records.write_text(os.path.join(out_dir, "results.md"),
+                     f"# Evaluation\n\nGreedy pass@1 with tool calls ({', '.join(config.tools.names) or 'no tools'}) "
+                     "and its 95% Wilson interval; one row per question file.\n\n" + markdown_table(file_table(rows)))
 
 
 def file_table(rows: Sequence[dict]) -> list[dict[str, str]]:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from autotraj_jax.eval import accuracy_ci95, interval_text, level_metric, level_of, level_order
 from autotraj_jax.pipeline import plots
 from autotraj_jax.pipeline.workdir import Workdir
-from autotraj_jax.tir.records import write_json
+from autotraj_jax.tir.records import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -301,9 +301,8 @@ def results_stage(config, wd: Workdir) -> None:
   if os.path.exists(rm_path):
     with open(rm_path) as f:
       rm = json.load(f)
-  with open(wd.path("results.md"), "w") as f:
-    f.write(render_markdown(rows, rm, plot_notes, _in_pipeline_order(wd.stage_info(), config.get("stages", ())),
-                            comps))
+  order = _in_pipeline_order(wd.stage_info(), config.get("stages", ()))
+  write_text(wd.path("results.md"), render_markdown(rows, rm, plot_notes, order, comps))
   found = [r for r in rows if not r["missing"]]
   log.info("results: %d/%d variants evaluated; %s", len(found), len(rows),
            ", ".join(f"{r['label']}: {r.get('accuracy', float('nan')):.3f}" for r in found))

@@ -8,7 +8,7 @@ through `JsonlAppender` or `write_jsonl`, and every one is read through `iter_re
 - a malformed line raises `RecordError` naming `file:line` and what is wrong, and the field
   checks below (`field`, `is_int`, `list_of`, ...) let each record type's `from_dict` name the
   field's path too (`segments[1].token_ids[3]`);
-- whole-file outputs (`write_jsonl`, `write_json`) are written to a temporary file and renamed,
+- whole-file outputs (`write_jsonl`, `write_json`, `write_text`) are written to a temporary file and renamed,
   so a reader sees the old file or the new one, never half of one;
 - on several hosts only process 0 writes (every process computes the same records), so a shared
   work directory gets each record once.
@@ -249,19 +249,23 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
   return n
 
 
-def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
-  """Replaces `path` with `obj` as JSON, atomically (and durably: fsynced before the rename)."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Replaces `path` with `text`, atomically (and durably: fsynced before the rename)."""
   path = os.fspath(path)
   if not is_primary():
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=indent, ensure_ascii=False)
-    f.write("\n")
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
+  """Replaces `path` with `obj` as JSON, like `write_text`."""
+  write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 def resume(path: str | os.PathLike, parse: Callable[[Any, str], T], key: Callable[[T], str],
